@@ -1,0 +1,1 @@
+"""Benchmark harness, suites and committed results."""

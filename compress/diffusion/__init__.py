@@ -1,0 +1,1 @@
+"""Noise schedules, samplers and classifier-free guidance."""

@@ -1,0 +1,1 @@
+"""What a DiT is: the native model, family adapters, and loading."""

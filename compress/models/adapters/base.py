@@ -1,0 +1,186 @@
+"""The structural view every pass uses, whatever the model family.
+
+Passes never touch family-specific attribute names: they ask an adapter for the transformer blocks
+(both stream kinds for SD3/Flux), each block's attention projections and head layout, its MLP
+projections and width, and its adaLN modulation layers; and they ask it to remove a block or
+replace a sub-module. The adapter also knows how to call the denoiser (``forward(x, t, cond)``),
+so one sampler and one set of metrics serve every family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+Cond = dict[str, torch.Tensor]
+
+
+@dataclass
+class AttentionView:
+    """One attention layer. Either ``qkv`` (fused, output rows ordered [3, heads, head_dim]) or q/k/v."""
+
+    path: str
+    module: nn.Module
+    heads: int
+    head_dim: int
+    q: nn.Linear | None = None
+    k: nn.Linear | None = None
+    v: nn.Linear | None = None
+    qkv: nn.Linear | None = None
+    out: nn.Linear | None = None
+    # Joint (MMDiT) attention also projects the context stream.
+    context_q: nn.Linear | None = None
+    context_k: nn.Linear | None = None
+    context_v: nn.Linear | None = None
+    context_out: nn.Linear | None = None
+    kind: str = "self"  # self | cross | joint
+
+    def projections(self) -> dict[str, nn.Linear]:
+        """Every present projection by role name."""
+        names = ("q", "k", "v", "qkv", "out", "context_q", "context_k", "context_v", "context_out")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+@dataclass
+class MLPView:
+    """One feed-forward layer: ``fc_in`` expands to ``hidden`` channels, ``fc_out`` projects back.
+
+    ``fc_out_offset`` is where the MLP's channels start among ``fc_out``'s input features (Flux
+    single blocks share one output projection between attention and MLP: [attn | mlp]).
+    """
+
+    path: str
+    fc_in: nn.Linear
+    fc_out: nn.Linear
+    hidden: int
+    fc_out_offset: int = 0
+    # Gated MLPs (GEGLU) have fc_in rows = 2 * hidden: [value | gate].
+    gated: bool = False
+
+
+@dataclass
+class BlockView:
+    """One transformer block and its parts."""
+
+    kind: str  # "block" (single-stream DiT/PixArt), "joint" (SD3/Flux double-stream), "single" (Flux)
+    index: int
+    path: str
+    module: nn.Module
+    attentions: list[AttentionView] = field(default_factory=list)
+    mlps: list[MLPView] = field(default_factory=list)
+    modulation: list[nn.Linear] = field(default_factory=list)
+
+
+class ModelAdapter:
+    """Base class: one subclass per family, registered in ``ADAPTERS`` by family name."""
+
+    family: ClassVar[str] = ""
+    prediction: ClassVar[str] = "epsilon"  # epsilon (DDPM) or flow (rectified flow / flow matching)
+    block_lists: ClassVar[dict[str, str]] = {}  # block kind -> dotted path of its ModuleList
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    # --- structure -------------------------------------------------------------------------
+    def blocks(self) -> list[BlockView]:
+        """Every transformer block of every kind, in execution order."""
+        views = []
+        for kind, path in self.block_lists.items():
+            for i, blk in enumerate(self.model.get_submodule(path)):
+                views.append(self.block_view(kind, i, f"{path}.{i}", blk))
+        return views
+
+    def block_view(self, kind: str, index: int, path: str, block: nn.Module) -> BlockView:
+        raise NotImplementedError
+
+    @property
+    def depth(self) -> int:
+        return sum(len(self.model.get_submodule(p)) for p in self.block_lists.values())
+
+    def remove_blocks(self, kind: str, indices: list[int]) -> None:
+        """Drop blocks of one kind (indices into that kind's list); the rest keep their order."""
+        if kind not in self.block_lists:
+            raise KeyError(f"{self.family} has no block kind {kind!r}; it has {', '.join(self.block_lists)}")
+        path = self.block_lists[kind]
+        blocks = self.model.get_submodule(path)
+        bad = [i for i in indices if not 0 <= i < len(blocks)]
+        if bad:
+            raise IndexError(f"{path} has {len(blocks)} blocks; cannot remove {bad}")
+        keep = [b for i, b in enumerate(blocks) if i not in set(indices)]
+        self.model.set_submodule(path, nn.ModuleList(keep))
+        self.after_structure_change()
+
+    def replace(self, path: str, module: nn.Module) -> None:
+        """Swap the sub-module at ``path`` (e.g. a Linear for a quantized Linear)."""
+        self.model.get_submodule(path)  # raises AttributeError naming the path if absent
+        self.model.set_submodule(path, module)
+
+    def after_structure_change(self) -> None:
+        """Hook for families that cache layer counts in their config."""
+
+    def summary(self) -> dict:
+        """Family, depth, width, heads, parameters — what ``dit-compress inspect`` prints."""
+        blocks = self.blocks()
+        attn = blocks[0].attentions[0] if blocks and blocks[0].attentions else None
+        params = sum(p.numel() for p in self.model.parameters())
+        size = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        size += sum(b.numel() * b.element_size() for b in self.model.buffers())
+        kinds = {k: len(self.model.get_submodule(p)) for k, p in self.block_lists.items()}
+        return {
+            "family": self.family,
+            "depth": self.depth,
+            "blocks": kinds,
+            "hidden": self.hidden_size,
+            "heads": attn.heads if attn else None,
+            "head_dim": attn.head_dim if attn else None,
+            "mlp_hidden": blocks[0].mlps[0].hidden if blocks and blocks[0].mlps else None,
+            "params": params,
+            "size_mb": round(size / 2**20, 3),
+            "prediction": self.prediction,
+            "latent_shape": list(self.latent_shape),
+            "num_classes": self.num_classes,
+        }
+
+    # --- calling the denoiser ----------------------------------------------------------------
+    hidden_size: int
+    latent_shape: tuple[int, ...]
+    num_classes: int | None = None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The denoiser's prediction (epsilon or velocity), with learned-sigma channels dropped."""
+        raise NotImplementedError
+
+    def null_cond(self, cond: Cond) -> Cond:
+        """The unconditional branch for classifier-free guidance."""
+        raise NotImplementedError
+
+    def example_cond(self, batch: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None) -> Cond:
+        """Seeded conditions of the right shapes: class labels, or random text embeddings."""
+        raise NotImplementedError
+
+
+ADAPTERS: list[type[ModelAdapter]] = []
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    ADAPTERS.append(cls)
+    return cls
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter for ``model``'s family; a clear error for an unsupported module."""
+    from compress.errors import DitCompressError
+
+    for cls in ADAPTERS:
+        if cls.matches(model):
+            return cls(model)
+    raise DitCompressError(
+        f"{type(model).__name__} is not a supported DiT family; supported: {', '.join(c.family for c in ADAPTERS)}."
+    )

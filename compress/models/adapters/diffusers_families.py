@@ -1,0 +1,322 @@
+"""Adapters for diffusers transformers: DiT, PixArt, SD3 (MMDiT) and Flux.
+
+Attribute names follow diffusers 0.42 (``models/transformers/*``, ``attention.py``,
+``attention_processor.py``, ``normalization.py``). diffusers is never imported here: a model can only
+be a diffusers model if diffusers is already loaded, so ``matches`` looks the class up lazily and
+``import compress`` stays fast for native-only use.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+from torch import nn
+
+from compress.models.adapters.base import AttentionView, BlockView, Cond, MLPView, ModelAdapter, register_adapter
+
+# Text embeddings that the unconditional branch zeroes (masks and guidance are kept as they are).
+_EMBEDDINGS = ("encoder_hidden_states", "pooled_projections")
+
+
+def _is_instance(model: nn.Module, class_name: str) -> bool:
+    """isinstance against a diffusers class without importing diffusers when it is not loaded."""
+    mod = sys.modules.get("diffusers")
+    cls = getattr(mod, class_name, None) if mod is not None else None
+    return cls is not None and isinstance(model, cls)
+
+
+def _attention(path: str, a: nn.Module, kind: str = "self") -> AttentionView:
+    """View of a diffusers ``Attention``/``FluxAttention``; joint if it has context projections.
+
+    ``heads`` is read from the module (the processors split heads with ``attn.heads``), ``head_dim`` from
+    ``FluxAttention.head_dim`` or ``inner_dim // heads`` (diffusers ``Attention`` keeps no head_dim).
+    """
+    head_dim = getattr(a, "head_dim", None) or a.inner_dim // a.heads
+    to_out = getattr(a, "to_out", None)  # None for Flux single blocks (pre_only)
+    ctx_q = getattr(a, "add_q_proj", None)
+    return AttentionView(
+        path, a, a.heads, head_dim, q=a.to_q, k=a.to_k, v=a.to_v, out=to_out[0] if to_out is not None else None,
+        context_q=ctx_q, context_k=getattr(a, "add_k_proj", None), context_v=getattr(a, "add_v_proj", None),
+        context_out=getattr(a, "to_add_out", None), kind="joint" if ctx_q is not None else kind,
+    )
+
+
+def _feed_forward(path: str, ff: nn.Module) -> MLPView:
+    """View of a diffusers ``FeedForward``: net[0].proj expands (x2 for GEGLU/SwiGLU), net[2] projects back."""
+    fc_in, fc_out = ff.net[0].proj, ff.net[2]
+    hidden = fc_out.in_features
+    return MLPView(path, fc_in, fc_out, hidden, gated=fc_in.out_features == 2 * hidden)
+
+
+def _modulation(block: nn.Module, names: tuple[str, ...] = ("norm1", "norm1_context", "norm")) -> list[nn.Module]:
+    """The adaLN ``.linear`` of each named norm that has one (AdaLayerNormZero/-Single/-Continuous)."""
+    out = []
+    for n in names:
+        lin = getattr(getattr(block, n, None), "linear", None)
+        if lin is not None:
+            out.append(lin)
+    return out
+
+
+def _batch_t(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """Timesteps as a (batch,) tensor on x's device (a scalar or a length-1 tensor is expanded)."""
+    t = torch.as_tensor(t, device=x.device)
+    return t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t.to(x.device)
+
+
+def _text_cond(cond: Cond, x: torch.Tensor) -> Cond:
+    """Text embeddings moved to x's device and dtype (conditions are built on the CPU in float32)."""
+    return {k: v.to(x.device, x.dtype) if k in _EMBEDDINGS else v.to(x.device) for k, v in cond.items()}
+
+
+def _make_context_pre_only(block: nn.Module) -> None:
+    """Turn an SD3 joint block into the last-block form, exactly.
+
+    The last block's context outputs are discarded by the model, so ``to_add_out``, ``ff_context`` and
+    ``norm2_context`` are dead; the context adaLN-Zero (6 chunks: shift, scale, gate, ...) becomes an
+    AdaLayerNormContinuous holding only its [scale | shift] rows. Skipped if the linear was replaced.
+    """
+    from diffusers.models.normalization import AdaLayerNormContinuous
+
+    old = block.norm1_context.linear
+    if not isinstance(old, nn.Linear):
+        return
+    dim = old.out_features // 6
+    norm = AdaLayerNormContinuous(dim, old.in_features, elementwise_affine=False, eps=1e-6, bias=True,
+                                  norm_type="layer_norm").to(old.weight.device, old.weight.dtype)
+    with torch.no_grad():
+        norm.linear.weight.copy_(torch.cat([old.weight[dim : 2 * dim], old.weight[:dim]]))
+        norm.linear.bias.copy_(torch.cat([old.bias[dim : 2 * dim], old.bias[:dim]]))
+    block.norm1_context, block.norm2_context, block.ff_context = norm, None, None
+    block.context_pre_only = block.attn.context_pre_only = True
+    block.attn.to_add_out = None
+
+
+class _DiffusersAdapter(ModelAdapter):
+    """Shared parts: config-derived widths, text conditions, keeping ``num_layers`` in sync."""
+
+    class_name = ""
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return _is_instance(model, cls.class_name)
+
+    @property
+    def hidden_size(self) -> int:
+        c = self.model.config
+        return c.num_attention_heads * c.attention_head_dim
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        c = self.model.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+    def after_structure_change(self) -> None:
+        """Keep ``config.num_layers`` equal to the block count, so configs saved later describe the model."""
+        self.model.register_to_config(num_layers=len(self.model.transformer_blocks))
+
+    def null_cond(self, cond: Cond) -> Cond:
+        """Zeroed text embeddings (an approximation of the empty-prompt embedding); other entries kept."""
+        return {k: torch.zeros_like(v) if k in _EMBEDDINGS else v for k, v in cond.items()}
+
+    def _randn(self, *shape: int, generator: torch.Generator | None) -> torch.Tensor:
+        return torch.randn(shape, generator=generator)
+
+
+@register_adapter
+class DiffusersDiTAdapter(_DiffusersAdapter):
+    """``DiTTransformer2DModel``: class-conditional, learned sigma, adaLN-Zero blocks.
+
+    Quirk: diffusers conditions the final layer on ``transformer_blocks[0].norm1.emb``, and every block
+    owns a copy of the timestep/label embedder (identical in converted checkpoints). Removing block 0
+    therefore switches the final layer to block 1's copy, which only matters if the copies differ.
+    """
+
+    family = "diffusers-dit"
+    prediction = "epsilon"
+    block_lists = {"block": "transformer_blocks"}
+    class_name = "DiTTransformer2DModel"
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.config.num_embeds_ada_norm
+
+    def block_view(self, kind: str, index: int, path: str, block: nn.Module) -> BlockView:
+        return BlockView(
+            kind, index, path, block, attentions=[_attention(f"{path}.attn1", block.attn1)],
+            mlps=[_feed_forward(f"{path}.ff", block.ff)], modulation=_modulation(block, ("norm1",)),
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        y = cond["y"].to(x.device).long()
+        out = self.model(x, timestep=_batch_t(t, x), class_labels=y).sample
+        return out[:, : self.model.config.in_channels]
+
+    def null_cond(self, cond: Cond) -> Cond:
+        """The extra label-embedding row (index num_classes) is the null class."""
+        return {"y": torch.full_like(cond["y"], self.num_classes)}
+
+    def example_cond(self, batch: int, generator: torch.Generator | None = None,
+                     labels: torch.Tensor | None = None) -> Cond:
+        if labels is None:
+            labels = torch.randint(0, self.num_classes, (batch,), generator=generator)
+        return {"y": labels.long()}
+
+
+@register_adapter
+class PixArtAdapter(_DiffusersAdapter):
+    """``PixArtTransformer2DModel``: self attention, cross attention to T5 tokens, shared adaLN-single.
+
+    Blocks modulate with a ``scale_shift_table`` parameter plus the model-level ``adaln_single.linear``,
+    so a block has no modulation Linear of its own.
+    """
+
+    family = "pixart"
+    prediction = "epsilon"
+    block_lists = {"block": "transformer_blocks"}
+    class_name = "PixArtTransformer2DModel"
+
+    def block_view(self, kind: str, index: int, path: str, block: nn.Module) -> BlockView:
+        attns = [_attention(f"{path}.attn1", block.attn1)]
+        if block.attn2 is not None:
+            attns.append(_attention(f"{path}.attn2", block.attn2, kind="cross"))
+        return BlockView(kind, index, path, block, attentions=attns, mlps=[_feed_forward(f"{path}.ff", block.ff)])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        cond = _text_cond(cond, x)
+        added = {"resolution": None, "aspect_ratio": None}
+        if self.model.use_additional_conditions:  # PixArt-alpha 1024px: micro-conditions as the pipeline builds them
+            h, w = x.shape[-2] * 8, x.shape[-1] * 8  # pixel size (VAE factor 8)
+            added = {"resolution": x.new_tensor([[h, w]]).repeat(x.shape[0], 1),
+                     "aspect_ratio": x.new_tensor([[h / w]]).repeat(x.shape[0], 1)}
+        out = self.model(
+            x, encoder_hidden_states=cond["encoder_hidden_states"], timestep=_batch_t(t, x),
+            added_cond_kwargs=added, encoder_attention_mask=cond.get("encoder_attention_mask"),
+        ).sample
+        return out[:, : self.model.config.in_channels]
+
+    def example_cond(self, batch: int, generator: torch.Generator | None = None,
+                     labels: torch.Tensor | None = None) -> Cond:
+        c = self.model.config
+        dim = c.caption_channels if c.caption_channels is not None else c.cross_attention_dim
+        return {"encoder_hidden_states": self._randn(batch, 8, dim, generator=generator)}
+
+
+@register_adapter
+class SD3Adapter(_DiffusersAdapter):
+    """``SD3Transformer2DModel``: joint (MMDiT) blocks, rectified flow.
+
+    The last block is ``context_pre_only`` (no ``to_add_out``/``ff_context``). SD3.5 blocks listed in
+    ``dual_attention_layers`` carry a second, image-only self attention ``attn2``.
+    """
+
+    family = "sd3"
+    prediction = "flow"
+    block_lists = {"joint": "transformer_blocks"}
+    class_name = "SD3Transformer2DModel"
+
+    def block_view(self, kind: str, index: int, path: str, block: nn.Module) -> BlockView:
+        attns = [_attention(f"{path}.attn", block.attn)]
+        if block.attn2 is not None:
+            attns.append(_attention(f"{path}.attn2", block.attn2))
+        mlps = [_feed_forward(f"{path}.ff", block.ff)]
+        if block.ff_context is not None:
+            mlps.append(_feed_forward(f"{path}.ff_context", block.ff_context))
+        return BlockView(kind, index, path, block, attentions=attns, mlps=mlps, modulation=_modulation(block))
+
+    def after_structure_change(self) -> None:
+        """Renumber ``dual_attention_layers`` (block indices) and keep the last block context-pre-only.
+
+        from_pretrained rebuilds the last block as ``context_pre_only``; if the old last block was removed,
+        the new one is converted to match, or a saved pruned model would not load.
+        """
+        blocks = self.model.transformer_blocks
+        if len(blocks) and not blocks[-1].context_pre_only:
+            _make_context_pre_only(blocks[-1])
+        dual = tuple(i for i, b in enumerate(blocks) if b.use_dual_attention)
+        self.model.register_to_config(num_layers=len(blocks), dual_attention_layers=dual)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        cond = _text_cond(cond, x)
+        return self.model(
+            x, encoder_hidden_states=cond["encoder_hidden_states"], pooled_projections=cond["pooled_projections"],
+            timestep=_batch_t(t, x),
+        ).sample
+
+    def example_cond(self, batch: int, generator: torch.Generator | None = None,
+                     labels: torch.Tensor | None = None) -> Cond:
+        c = self.model.config
+        return {"encoder_hidden_states": self._randn(batch, 8, c.joint_attention_dim, generator=generator),
+                "pooled_projections": self._randn(batch, c.pooled_projection_dim, generator=generator)}
+
+
+@register_adapter
+class FluxAdapter(_DiffusersAdapter):
+    """``FluxTransformer2DModel``: joint blocks then single-stream blocks, rectified flow.
+
+    x stays packed, (batch, N, in_channels) with N a square number of tokens; the adapter builds the RoPE
+    ids itself as ``FluxPipeline`` does (2-D: img_ids for a sqrt(N) x sqrt(N) grid, txt_ids zeros) and
+    passes ``timestep / 1000`` (the model multiplies by 1000 again).
+    """
+
+    family = "flux"
+    prediction = "flow"
+    block_lists = {"joint": "transformer_blocks", "single": "single_transformer_blocks"}
+    class_name = "FluxTransformer2DModel"
+
+    def __init__(self, model: nn.Module, tokens: int | None = None):
+        super().__init__(model)
+        # Default: a 1024px image (64x64 packed grid) for real widths, a 4x4 grid for toy models.
+        self.tokens = tokens or (4096 if self.hidden_size >= 1024 else 16)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.tokens, self.model.config.in_channels)
+
+    def block_view(self, kind: str, index: int, path: str, block: nn.Module) -> BlockView:
+        if kind == "joint":
+            return BlockView(
+                kind, index, path, block, attentions=[_attention(f"{path}.attn", block.attn)],
+                mlps=[_feed_forward(f"{path}.ff", block.ff), _feed_forward(f"{path}.ff_context", block.ff_context)],
+                modulation=_modulation(block),
+            )
+        # Single block: proj_out reads [attn | mlp], so the MLP's columns start after the attention output.
+        hidden = block.proj_mlp.out_features
+        mlp = MLPView(path, block.proj_mlp, block.proj_out, hidden, fc_out_offset=block.proj_out.in_features - hidden)
+        return BlockView(kind, index, path, block, attentions=[_attention(f"{path}.attn", block.attn)],
+                         mlps=[mlp], modulation=_modulation(block))
+
+    def after_structure_change(self) -> None:
+        m = self.model
+        m.register_to_config(num_layers=len(m.transformer_blocks), num_single_layers=len(m.single_transformer_blocks))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        cond = _text_cond(cond, x)
+        n, side = x.shape[1], math.isqrt(x.shape[1])
+        if side * side != n:
+            raise ValueError(f"Flux input has {n} tokens; the adapter needs a square token grid")
+        img_ids = torch.zeros(side, side, 3, device=x.device, dtype=x.dtype)
+        img_ids[..., 1] += torch.arange(side, device=x.device, dtype=x.dtype)[:, None]
+        img_ids[..., 2] += torch.arange(side, device=x.device, dtype=x.dtype)[None, :]
+        ctx = cond["encoder_hidden_states"]
+        txt_ids = torch.zeros(ctx.shape[1], 3, device=x.device, dtype=x.dtype)
+        guidance = None
+        if self.model.config.guidance_embeds:
+            guidance = cond.get("guidance", torch.tensor(3.5)).to(x.device, torch.float32)
+            guidance = guidance.reshape(-1).expand(x.shape[0]) if guidance.numel() == 1 else guidance
+        return self.model(
+            hidden_states=x, encoder_hidden_states=ctx, pooled_projections=cond["pooled_projections"],
+            timestep=_batch_t(t, x).to(x.dtype) / 1000, img_ids=img_ids.reshape(n, 3), txt_ids=txt_ids,
+            guidance=guidance,
+        ).sample
+
+    def example_cond(self, batch: int, generator: torch.Generator | None = None,
+                     labels: torch.Tensor | None = None) -> Cond:
+        c = self.model.config
+        cond = {"encoder_hidden_states": self._randn(batch, 8, c.joint_attention_dim, generator=generator),
+                "pooled_projections": self._randn(batch, c.pooled_projection_dim, generator=generator)}
+        if c.guidance_embeds:
+            cond["guidance"] = torch.full((batch,), 3.5)
+        return cond

@@ -1,0 +1,1 @@
+"""Exporters (ONNX, TensorRT) and the runners that execute what they produce."""
