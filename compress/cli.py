@@ -82,6 +82,48 @@ def sample(model: str = typer.Argument(..., help="model to sample"),
 
 
 @app.command()
+def apply(recipe: str = typer.Argument(..., help="recipe YAML (or the name of a bundled recipe)"),
+          model: str = typer.Option("reference", "--model", help="source model (default: the bundled reference)"),
+          out: Path = typer.Option(..., "--out", help="artifact directory to write"),
+          force: bool = typer.Option(False, "--force", help="replace an existing artifact")) -> None:
+    """Apply a recipe to a model and save the artifact (written atomically)."""
+    import compress
+
+    r = compress.load_recipe(recipe)
+    if out.exists() and not force:
+        raise DitCompressError(f"{out}: already exists; pass --force to replace it.")
+    src = compress.load_model(model)
+    result = compress.apply_recipe(src, r, console=console)
+    compress.save(result, out, force=force)
+    from compress.models.provenance import provenance
+
+    table = Table(title=f"{r.name} on {model}")
+    for col in ("pass", "params before", "params after", "MB before", "MB after", "seconds", "notes"):
+        table.add_column(col)
+    for p in provenance(result)["passes"]:
+        table.add_row(p["pass"], f"{p['params_before']:,}", f"{p['params_after']:,}", f"{p['bytes_before'] / 2**20:.2f}",
+                      f"{p['bytes_after'] / 2**20:.2f}", f"{p['seconds']:.1f}", "; ".join(p["notes"]))
+    console.print(table)
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def recipes(schema: bool = typer.Option(False, "--schema", help="print the recipe JSON Schema")) -> None:
+    """List the bundled recipes, or print the JSON Schema editors can validate recipes with."""
+    from compress.recipe import bundled_recipes, recipe_schema
+
+    if schema:
+        print(json.dumps(recipe_schema(), indent=2))
+        return
+    table = Table(title="bundled recipes (recipes/)")
+    table.add_column("name")
+    table.add_column("description")
+    for name, desc in bundled_recipes().items():
+        table.add_row(name, desc)
+    console.print(table)
+
+
+@app.command()
 def demo(samples: int = typer.Option(1000, help="samples for the quality figures"),
          steps: int = typer.Option(50), out: Path = typer.Option(Path("out/demo"))) -> None:
     """Sample the bundled reference model and print its quality against the real digits."""

@@ -23,6 +23,7 @@ from torch import nn
 
 from compress.errors import DitCompressError
 from compress.models.dit import DIT_CONFIGS, DiT, DiTConfig
+from compress.models.provenance import file_sha256, stamp_source
 
 # Official head counts by width (heads cannot be read off weight shapes).
 _HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}
@@ -37,9 +38,12 @@ def load_model(source: str | Path, *, num_heads: int | None = None) -> nn.Module
         from compress.models.reference import REFERENCE_CONFIG, WEIGHTS
 
         model = _load_native_file(WEIGHTS, REFERENCE_CONFIG)
+        stamp_source(model, "reference", file_sha256(WEIGHTS))
     elif src in DIT_CONFIGS or src.removeprefix("preset:") in DIT_CONFIGS:
-        torch.manual_seed(0)
-        model = DiT(DIT_CONFIGS[src.removeprefix("preset:")])
+        name = src.removeprefix("preset:")
+        torch.manual_seed(0)  # presets are for speed work: random weights, but the same ones every time
+        model = DiT(DIT_CONFIGS[name])
+        stamp_source(model, f"preset:{name}", None)
     else:
         path = Path(source)
         if not path.exists():
@@ -53,8 +57,11 @@ def load_model(source: str | Path, *, num_heads: int | None = None) -> nn.Module
 
                 return load_artifact(path)
             model = _load_diffusers_dir(path)
+            weights = [p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin")]
+            stamp_source(model, str(path), file_sha256(*weights) if weights else None)
         else:
             model = _load_native_file(path, None, num_heads)
+            stamp_source(model, str(path), file_sha256(path))
     return model.eval()
 
 

@@ -15,6 +15,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from compress.models.provenance import record_edit
+
 Cond = dict[str, torch.Tensor]
 
 
@@ -116,11 +118,34 @@ class ModelAdapter:
         keep = [b for i, b in enumerate(blocks) if i not in set(indices)]
         self.model.set_submodule(path, nn.ModuleList(keep))
         self.after_structure_change()
+        record_edit(self.model, {"op": "remove_blocks", "kind": kind, "indices": sorted(set(indices))})
 
     def replace(self, path: str, module: nn.Module) -> None:
-        """Swap the sub-module at ``path`` (e.g. a Linear for a quantized Linear)."""
+        """Swap the sub-module at ``path`` (e.g. a Linear for a quantized Linear); recorded for replay."""
+        from compress.nn import module_spec
+
         self.model.get_submodule(path)  # raises AttributeError naming the path if absent
         self.model.set_submodule(path, module)
+        record_edit(self.model, {"op": "replace", "path": path, "spec": module_spec(module)})
+
+    def set_attr(self, path: str, name: str, value) -> None:
+        """Change a plain attribute (e.g. a head count after head pruning); recorded for replay."""
+        setattr(self.model.get_submodule(path) if path else self.model, name, value)
+        record_edit(self.model, {"op": "set_attr", "path": path, "name": name, "value": value})
+
+    def replay(self, edits: list[dict]) -> None:
+        """Re-apply recorded structural edits to a freshly built source model (artifact loading)."""
+        from compress.nn import build_module
+
+        for e in edits:
+            if e["op"] == "remove_blocks":
+                self.remove_blocks(e["kind"], e["indices"])
+            elif e["op"] == "replace":
+                self.replace(e["path"], build_module(e["spec"]))
+            elif e["op"] == "set_attr":
+                self.set_attr(e["path"], e["name"], e["value"])
+            else:
+                raise ValueError(f"unknown edit operation {e['op']!r}")
 
     def after_structure_change(self) -> None:
         """Hook for families that cache layer counts in their config."""
