@@ -403,6 +403,11 @@ def _load_variant(spec: VariantSpec, field: str, suite: Path) -> Variant:
     return Variant(name=name, model=model, recipe=recipe, steps=spec.steps, size_bytes=size)
 
 
+def variant_from_source(source: str, name: str | None = None, steps: int | None = None) -> Variant:
+    """A Variant from anything ``compress.load_model`` accepts (artifact dirs give their recipe and size)."""
+    return _load_variant(VariantSpec(path=source, name=name, steps=steps), "variant", Path.cwd() / "<command line>")
+
+
 def load_suite(path: str | Path) -> tuple[Variant, list[Variant], BenchConfig]:
     """Read and validate a suite YAML; load its baseline and variants. Errors are ``DitCompressError``."""
     import yaml

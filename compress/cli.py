@@ -124,9 +124,55 @@ def recipes(schema: bool = typer.Option(False, "--schema", help="print the recip
 
 
 @app.command()
-def demo(samples: int = typer.Option(1000, help="samples for the quality figures"),
-         steps: int = typer.Option(50), out: Path = typer.Option(Path("out/demo"))) -> None:
-    """Sample the bundled reference model and print its quality against the real digits."""
+def bench(artifacts: list[str] = typer.Argument(None, help="artifact dirs / model sources to compare"),
+          baseline: str = typer.Option("reference", "--baseline", help="the source model (speed-up 1.0)"),
+          suite: Path = typer.Option(None, "--suite", help="a suite YAML instead of a list of artifacts"),
+          out: Path = typer.Option(Path("out/bench"), "--out", help="report directory"),
+          samples: int = typer.Option(500, help="samples per variant for quality"),
+          steps: int = typer.Option(50, help="sampling steps (a variant's manifest may set its own)"),
+          cfg: float = typer.Option(2.0, help="guidance scale"),
+          repeats: int = typer.Option(20, help="timed repeats per variant (interleaved)"),
+          speed_batch: int = typer.Option(8, help="batch for latency timing")) -> None:
+    """Compare variants against their source on identical seeds: quality, speed, size; report + Pareto plot."""
+    from benchmarks.harness import BenchConfig, load_suite, run_bench, variant_from_source
+
+    if suite is not None:
+        base, variants, config = load_suite(suite)
+    else:
+        if not artifacts:
+            raise DitCompressError("bench: give artifact directories to compare, or --suite SUITE.yaml.")
+        base = variant_from_source(baseline)
+        variants = [variant_from_source(a) for a in artifacts]
+        config = BenchConfig(samples=samples, steps=steps, cfg_scale=cfg, repeats=repeats, speed_batch=speed_batch)
+    run_bench(base, variants, config, out, console=console)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("out/demo"), help="where artifacts and the report go"),
+         samples: int = typer.Option(500, help="samples per variant for FD / class accuracy / PSNR"),
+         steps: int = typer.Option(50, help="sampling steps")) -> None:
+    """Apply every bundled recipe to the reference model, benchmark them against it, print the table."""
+    import compress
+    from benchmarks.harness import BenchConfig, Variant, run_bench
+    from compress.models.reference import REFERENCE_CFG, WEIGHTS
+    from compress.recipe import bundled_recipes
+
+    source = compress.load_model("reference")
+    variants = []
+    for name in bundled_recipes():
+        console.print(f"applying [bold]{name}[/] to the reference model")
+        art = compress.save(compress.apply_recipe(source, name, console=console), out / "artifacts" / name, force=True)
+        variants.append(Variant(name=name, model=compress.load(art), recipe=name,
+                                size_bytes=(art / "model.safetensors").stat().st_size))
+    base = Variant(name="reference", model=source, size_bytes=WEIGHTS.stat().st_size)
+    config = BenchConfig(samples=samples, steps=steps, cfg_scale=REFERENCE_CFG, repeats=20)
+    run_bench(base, variants, config, out, console=console)
+
+
+@app.command()
+def quality(samples: int = typer.Option(1000, help="samples for the quality figures"),
+            steps: int = typer.Option(50), out: Path = typer.Option(Path("out/quality"))) -> None:
+    """Sample the bundled reference model and score it against the real digits (FD, class accuracy)."""
     from compress.evaluation import reference_quality_report
 
     reference_quality_report(samples, steps, out, console)
