@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compress.models.adapters import get_adapter
-from tiny_models import tiny_diffusers_model
+from tests.tiny_models import tiny_diffusers_model
 
 FAMILIES = ["diffusers-dit", "pixart", "sd3", "flux"]
 
