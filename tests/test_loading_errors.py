@@ -102,3 +102,15 @@ def test_cli_prints_one_paragraph_not_a_traceback(good_safetensors):
     assert r.returncode == 2
     assert "Traceback" not in r.stdout + r.stderr
     assert "not a readable safetensors file" in r.stdout + r.stderr
+
+
+def test_pixart_preset_has_the_published_layout():
+    from compress.models.loading import DIFFUSERS_PRESETS
+    import diffusers
+
+    cls_name, cfg = DIFFUSERS_PRESETS["PixArt-XL/2-256"]
+    with torch.device("meta"):
+        m = getattr(diffusers, cls_name)(**cfg)
+    s = compress.get_adapter(m).summary()
+    assert (s["family"], s["depth"], s["heads"], s["head_dim"], s["hidden"]) == ("pixart", 28, 16, 72, 1152)
+    assert 600e6 < s["params"] < 620e6  # PixArt-alpha XL/2: ~611M

@@ -27,6 +27,13 @@ from compress.models.provenance import file_sha256, stamp_source
 
 # Official head counts by width (heads cannot be read off weight shapes).
 _HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}
+# Real-size diffusers architectures for speed work (random weights; latency does not depend on values).
+DIFFUSERS_PRESETS = {
+    "PixArt-XL/2-256": ("PixArtTransformer2DModel", dict(
+        num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, sample_size=32,
+        patch_size=2, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000, use_additional_conditions=False)),
+}
 DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel",
                      "FluxTransformer2DModel")
 
@@ -43,6 +50,14 @@ def load_model(source: str | Path, *, num_heads: int | None = None) -> nn.Module
         name = src.removeprefix("preset:")
         torch.manual_seed(0)  # presets are for speed work: random weights, but the same ones every time
         model = DiT(DIT_CONFIGS[name])
+        stamp_source(model, f"preset:{name}", None)
+    elif src.removeprefix("preset:") in DIFFUSERS_PRESETS:
+        import diffusers
+
+        name = src.removeprefix("preset:")
+        cls_name, cfg = DIFFUSERS_PRESETS[name]
+        torch.manual_seed(0)
+        model = getattr(diffusers, cls_name)(**cfg)
         stamp_source(model, f"preset:{name}", None)
     else:
         path = Path(source)
