@@ -14,7 +14,7 @@ from compress.errors import DitCompressError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Make Diffusion Transformers smaller and faster: compress, export, benchmark.")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 180)
 
 
 def parse_classes(spec: str) -> list[int]:
