@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+from tests.test_native_dit import randomized
+
 from benchmarks.harness import BenchConfig, Variant, load_suite, run_bench
 from benchmarks.report import pareto_front
 from compress import DitCompressError, get_adapter
@@ -13,16 +15,6 @@ from compress.models.dit import DiT, DiTConfig
 
 TINY = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4,
                  num_classes=10, learn_sigma=False)
-
-
-def randomized(model: DiT, seed=0) -> DiT:
-    """Give zero-initialised (adaLN-Zero) layers random values so every path is exercised."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
 
 
 @pytest.fixture(scope="module")
