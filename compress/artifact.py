@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from compress.nn.quant import track_timesteps
 from compress.errors import DitCompressError
 from compress.models.provenance import ATTR, file_sha256, provenance
 
@@ -115,5 +116,7 @@ def load(path: str | Path, *, verify: bool = True) -> nn.Module:
     except Exception as e:  # safetensors raises its own error type
         raise DitCompressError(f"{weights}: unreadable weights ({e}).") from None
     load_state_dict_strict(model, sd, weights)
+    if any(getattr(mod, "act_edges", None) is not None for mod in model.modules()):
+        track_timesteps(model)  # per-timestep-group activation scales need the running timestep
     object.__setattr__(model, ATTR, {k: m[k] for k in ("source", "architecture", "recipe", "passes", "edits")})
     return model.eval().requires_grad_(False)

@@ -58,13 +58,14 @@ def sample(
     sched = make_scheduler(sampler, adapter.prediction)
     sched.set_timesteps(steps)
     gen = torch.Generator().manual_seed(seed)
-    x = noise * sched.init_noise_sigma
+    x = noise * getattr(sched, "init_noise_sigma", 1.0)  # flow-matching schedulers start at unit noise
     guided = cfg_scale != 1.0
     full_cond = cat_cond(cond, adapter.null_cond(cond)) if guided else cond
     calls = 0
     for i, t in enumerate(sched.timesteps):
         x_in = torch.cat([x, x]) if guided else x
-        x_in = sched.scale_model_input(x_in, t)
+        if hasattr(sched, "scale_model_input"):  # flow-matching schedulers take the latent as is
+            x_in = sched.scale_model_input(x_in, t)
         t_in = t.expand(x_in.shape[0]).to(x_in.device)
         if on_step is not None:
             on_step(i, x_in, t_in, full_cond)

@@ -106,3 +106,218 @@ replayable(
                "bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric},
     lambda s: WeightOnlyLinear(**s),
 )(WeightOnlyLinear)
+
+
+# ---- weight + activation quantization (W8A8 INT8, FP8 E4M3, W4A8, low-rank outlier branch) ----------------
+FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+INT8_MAX = 127.0
+
+
+def fake_quant_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric INT8 round-to-nearest with saturation, returned dequantized (x ~ q * scale)."""
+    return torch.clamp(torch.round(x / scale), -INT8_MAX, INT8_MAX) * scale
+
+
+def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP8 E4M3 with saturation (the cast rounds to nearest even, as QuantizeLinear and TensorRT do)."""
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
+
+
+ACT_FORMATS = {"int8": (fake_quant_int8, INT8_MAX), "fp8": (fake_quant_fp8, FP8_MAX)}
+
+
+class _TimestepTracker:
+    """The timestep of the denoiser call being run, for layers whose activation scales depend on it.
+
+    A forward pre-hook on the model's timestep embedder (native ``TimestepEmbedder`` or diffusers'
+    ``Timesteps``, which every family feeds with timesteps in [0, 1000]) stores the current value here.
+    """
+
+    value: float | None = None
+
+    @classmethod
+    def hook(cls, _module, args):
+        t = args[0]
+        cls.value = float(t.reshape(-1)[0]) if torch.is_tensor(t) and t.numel() else None
+
+
+def track_timesteps(model: nn.Module) -> int:
+    """Install the timestep hook on every timestep embedder of ``model`` (idempotent); returns how many."""
+    from diffusers.models.embeddings import Timesteps
+
+    from compress.models.dit import TimestepEmbedder
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (TimestepEmbedder, Timesteps)):
+            if not any(h is _TimestepTracker.hook for h in m._forward_pre_hooks.values()):
+                m.register_forward_pre_hook(_TimestepTracker.hook)
+            n += 1
+    return n
+
+
+class QuantLinear(nn.Module):
+    """A Linear with quantized weights and (optionally) quantized inputs, stored in compact form.
+
+        y = Q_a(x / s) @ Q_w(W * s - L_up @ L_down)^T + (x / s) @ L_down^T @ L_up^T + b
+
+    * weights: ``int8`` / ``int4`` (symmetric, per output channel or per group; int4 packed two per byte)
+      or ``fp8`` (E4M3 stored as float8, per-tensor or per-channel scale);
+    * inputs: ``int8`` / ``fp8``, ``static`` (calibrated per-tensor scale, optionally one per group of
+      timesteps, chosen by the step being run) or ``dynamic`` (per-token absmax), or None (weight-only);
+    * ``smooth`` (SmoothQuant): per-input-channel divisor migrating activation outliers into the weights;
+    * ``rank`` > 0 (SVDQuant): a full-precision low-rank branch of the smoothed weight absorbs the
+      outliers, and only the residual is quantized.
+
+    On CPU the arithmetic is fake-quant in fp32: the same values a QDQ graph computes. On CUDA with
+    INT8 x INT8 or FP8 x FP8 per-channel weights it uses ``torch._int_mm`` / ``torch._scaled_mm``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, weight_format: str = "int8",
+                 group_size: int | None = None, weight_per_channel: bool = True, act_format: str | None = "int8",
+                 act_mode: str = "static", act_groups: int = 1, smooth: bool = False, rank: int = 0):
+        super().__init__()
+        if weight_format not in ("int8", "int4", "fp8"):
+            raise ValueError(f"weight_format must be int8, int4 or fp8, not {weight_format!r}")
+        if act_format not in (None, "int8", "fp8") or act_mode not in ("static", "dynamic"):
+            raise ValueError(f"bad activation format {act_format!r}/{act_mode!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_format, self.group_size, self.weight_per_channel = weight_format, group_size, weight_per_channel
+        self.act_format, self.act_mode, self.act_groups = act_format, act_mode, act_groups
+        self.rank = rank
+        g = group_size or in_features
+        if in_features % g:
+            raise ValueError(f"in_features {in_features} is not divisible by group size {g}")
+        cols = in_features // 2 if weight_format == "int4" else in_features
+        wdtype = {"int8": torch.int8, "int4": torch.uint8, "fp8": torch.float8_e4m3fn}[weight_format]
+        self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=wdtype))
+        self.register_buffer("weight_scale", torch.ones(out_features if weight_per_channel else 1, in_features // g))
+        self.register_buffer("smooth", torch.ones(in_features) if smooth else None)
+        static = act_format is not None and act_mode == "static"
+        self.register_buffer("act_scale", torch.ones(act_groups) if static else None)
+        self.register_buffer("act_edges", torch.zeros(act_groups - 1) if static and act_groups > 1 else None)
+        self.register_buffer("lora_down", torch.zeros(rank, in_features) if rank else None)
+        self.register_buffer("lora_up", torch.zeros(out_features, rank) if rank else None)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    # -- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, *, smooth: torch.Tensor | None = None, act_scale: torch.Tensor | None = None,
+                    act_edges: torch.Tensor | None = None, **fmt) -> "QuantLinear":
+        """Quantize ``lin``; ``smooth`` (in,) and the static ``act_scale`` (groups,) come from calibration."""
+        act_groups = 1 if act_scale is None else act_scale.numel()
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, smooth=smooth is not None,
+                act_groups=act_groups, **fmt)
+        w = lin.weight.detach().float()
+        if smooth is not None:
+            m.smooth.copy_(smooth)
+            w = w * smooth[None, :]
+        if m.rank:
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            r = m.rank
+            m.lora_up.copy_(u[:, :r] * s[:r])
+            m.lora_down.copy_(vh[:r])
+            w = w - m.lora_up @ m.lora_down
+        m._set_weight(w)
+        if m.act_scale is not None:
+            if act_scale is None:
+                raise ValueError("static activation quantization needs a calibrated act_scale")
+            m.act_scale.copy_(act_scale.reshape(-1).clamp_min(1e-8))
+            if m.act_edges is not None:
+                m.act_edges.copy_(act_edges)
+        if lin.bias is not None:
+            m.bias.data.copy_(lin.bias.detach())
+        return m.to(lin.weight.device)
+
+    def _set_weight(self, w: torch.Tensor) -> None:
+        if self.weight_format == "fp8":
+            amax = w.abs().amax(1, keepdim=True) if self.weight_per_channel else w.abs().amax().reshape(1, 1)
+            scale = amax.clamp_min(1e-12) / FP8_MAX
+            self.qweight.copy_((w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
+            self.weight_scale.copy_(scale)
+            return
+        bits = 8 if self.weight_format == "int8" else 4
+        q, scale, _ = quantize_weight(w, bits, self.group_size, True)
+        self.qweight.copy_(pack_int4(q) if bits == 4 else q)
+        self.weight_scale.copy_(scale)
+
+    # -- arithmetic -----------------------------------------------------------------------------------
+    def dequantized_weight(self) -> torch.Tensor:
+        """The quantized residual weight in fp32 (what the integer/FP8 matmul multiplies by)."""
+        if self.weight_format == "int4":
+            q = unpack_int4(self.qweight, True)
+        else:
+            q = self.qweight
+        g = self.group_size or self.in_features
+        qg = q.float().reshape(self.out_features, -1, g)
+        return (qg * self.weight_scale[..., None]).reshape(self.out_features, self.in_features)
+
+    def current_act_scale(self) -> torch.Tensor:
+        """Static scale for the running timestep's group (the widest group's when the step is unknown)."""
+        if self.act_edges is None:
+            return self.act_scale[0]
+        t = _TimestepTracker.value
+        if t is None:
+            return self.act_scale.max()
+        return self.act_scale[int(torch.bucketize(torch.tensor(t), self.act_edges.cpu()))]
+
+    def quantize_input(self, xs: torch.Tensor, act_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Fake-quantize the (smoothed) input; ``act_scale`` overrides the static scale (calibration search)."""
+        if self.act_format is None:
+            return xs
+        fq, qmax = ACT_FORMATS[self.act_format]
+        if self.act_mode == "dynamic":
+            scale = xs.abs().amax(-1, keepdim=True).clamp_min(1e-8) / qmax
+        else:
+            scale = self.current_act_scale() if act_scale is None else act_scale
+        return fq(xs, scale)
+
+    def forward(self, x: torch.Tensor, act_scale: torch.Tensor | None = None) -> torch.Tensor:
+        xs = x / self.smooth if self.smooth is not None else x
+        if x.is_cuda and act_scale is None and self._kernel_ok(x):
+            y = self._cuda_matmul(xs)
+        else:
+            y = F.linear(self.quantize_input(xs, act_scale), self.dequantized_weight().to(x.dtype))
+        if self.rank:
+            y = y + F.linear(F.linear(xs, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    # -- real low-precision matmuls on GPU --------------------------------------------------------------
+    def _kernel_ok(self, x: torch.Tensor) -> bool:
+        same = self.act_format == self.weight_format and self.group_size is None
+        return same and self.in_features % 16 == 0 and self.out_features % 16 == 0 and x.numel() // x.shape[-1] > 16
+
+    def _cuda_matmul(self, xs: torch.Tensor) -> torch.Tensor:
+        lead, k = xs.shape[:-1], xs.shape[-1]
+        x2 = xs.reshape(-1, k).float()
+        qmax = ACT_FORMATS[self.act_format][1]
+        if self.act_mode == "dynamic":
+            sa = x2.abs().amax(-1, keepdim=True).clamp_min(1e-8) / qmax
+        else:
+            sa = self.current_act_scale().reshape(1, 1).expand(x2.shape[0], 1)
+        sw = self.weight_scale.reshape(1, -1).expand(1, self.out_features).float()
+        if self.act_format == "int8":
+            xq = torch.clamp(torch.round(x2 / sa), -INT8_MAX, INT8_MAX).to(torch.int8)
+            y = torch._int_mm(xq, self.qweight.t()).float() * sa * sw
+        else:
+            xq = (x2 / sa).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            y = torch._scaled_mm(xq, self.qweight.t(), scale_a=sa.contiguous(), scale_b=sw.contiguous(),
+                                 out_dtype=torch.bfloat16).float()
+        return y.reshape(*lead, self.out_features).to(xs.dtype)
+
+    def extra_repr(self) -> str:
+        a = "weight-only" if self.act_format is None else f"act={self.act_format}/{self.act_mode}" + (
+            f"x{self.act_groups} timestep groups" if self.act_groups > 1 else "")
+        return (f"{self.in_features}, {self.out_features}, weight={self.weight_format}"
+                f"{'/g' + str(self.group_size) if self.group_size else ''}, {a}, smooth={self.smooth is not None}, "
+                f"rank={self.rank}")
+
+
+replayable(
+    "quant_linear",
+    lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+               "weight_format": m.weight_format, "group_size": m.group_size,
+               "weight_per_channel": m.weight_per_channel, "act_format": m.act_format, "act_mode": m.act_mode,
+               "act_groups": m.act_groups, "smooth": m.smooth is not None, "rank": m.rank},
+    lambda s: QuantLinear(**s),
+)(QuantLinear)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable
+from typing import Literal
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,8 +41,10 @@ class LayerSelection(BaseModel):
         default_factory=list,
         description="Patterns of layers to leave alone, applied after include.",
     )
-    include_modulation: bool = Field(
-        False, description="Also touch adaLN modulation layers (sensitive: they scale every activation).")
+    modulation: Literal["skip", "include", "only"] = Field(
+        "skip", description="adaLN modulation layers: 'skip' (default; they scale every activation, so they are "
+                            "sensitive), 'include' them too, or touch 'only' them (e.g. INT8 weights for adaLN "
+                            "beside INT4 blocks).")
 
 
 def _match(name: str, pattern: str) -> bool:
@@ -61,8 +64,12 @@ def select_block_linears(model: nn.Module, sel: LayerSelection, pass_name: str) 
     candidates = []
     for b in adapter.blocks():
         for name, mod in b.module.named_modules():
-            if isinstance(mod, nn.Linear) and (sel.include_modulation or id(mod) not in modulation):
+            is_mod = id(mod) in modulation
+            wanted = {"skip": not is_mod, "include": True, "only": is_mod}[sel.modulation]
+            if isinstance(mod, nn.Linear) and wanted:
                 candidates.append(f"{b.path}.{name}")
+    if not candidates and sel.include == ["*"] and not sel.exclude:
+        return []  # e.g. modulation 'only' on PixArt, whose adaLN lives outside the blocks: nothing to do
     for field, patterns in (("include", sel.include), ("exclude", sel.exclude)):
         for p in patterns:
             if not any(_match(c, p) for c in candidates):

@@ -1,61 +1,277 @@
 """Post-training quantization of the Linear layers inside transformer blocks.
 
-Weights are quantized round-to-nearest, per output channel or per group, symmetric or asymmetric,
-and stored in their compact form (int8, or two int4 values per byte) with fp32 scales.
+One pass, every format (torchao-style: a config object, one apply function):
+
+* weight-only INT8 / INT4 (per channel or per group, sym/asym, stored packed) and FP8 weights;
+* W8A8 INT8 and FP8 E4M3 with static (calibrated, optionally per timestep group) or dynamic
+  per-token activation scales;
+* W4A8 with outlier handling: SmoothQuant-style smoothing (strength searched per layer against the
+  layer's output error, optionally timestep-aware as in PTQ4DiT) and an SVDQuant-style full-precision
+  low-rank branch that absorbs what remains, quantizing only the residual.
+
+Calibration inputs come from the source's own sampling trajectories (``ctx.calibration``), both CFG
+branches; statistics are gathered in bounded memory by ``calib_stats``.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from compress.errors import DitCompressError
 from compress.models.adapters import get_adapter
-from compress.nn.quant import WeightOnlyLinear
+from compress.nn.quant import ACT_FORMATS, QuantLinear, WeightOnlyLinear, track_timesteps
 from compress.passes.base import LayerSelection, PassConfig, register_pass, select_block_linears
+from compress.passes.calib_stats import activation_salience, collect_input_stats, num_stat_batches
+from compress.passes.context import CalibrationConfig
 
 
 class WeightQuant(BaseModel):
-    """Integer weight format."""
+    """Weight format."""
 
     model_config = ConfigDict(extra="forbid")
 
-    dtype: Literal["int8", "int4"] = Field("int8", description="Integer width of stored weights.")
+    dtype: Literal["int8", "int4", "fp8"] = Field("int8", description="Stored weight type (fp8 = E4M3).")
     group_size: int | None = Field(
         None, ge=8, le=4096,
         description="Input channels sharing one scale (e.g. 32/64/128); None = one scale per output channel.")
-    symmetric: bool = Field(True, description="Symmetric (no zero point) or asymmetric (uint with zero point).")
+    symmetric: bool = Field(True, description="Symmetric (no zero point) or asymmetric (uint with zero point; "
+                                              "weight-only integer formats).")
+    per_channel: bool = Field(True, description="fp8: one scale per output channel (True) or per tensor (False).")
+
+
+class ActivationQuant(BaseModel):
+    """Input (activation) format; leave out for weight-only quantization."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["int8", "fp8"] = Field("int8", description="Activation type (fp8 = E4M3).")
+    mode: Literal["static", "dynamic"] = Field(
+        "static", description="'static': per-tensor scale calibrated offline; 'dynamic': per-token absmax at run time.")
+    timestep_groups: int = Field(
+        1, ge=1, le=64, description="Static only: separate scales for this many groups of timesteps, chosen by the "
+                                    "step being run (activation ranges drift across the schedule).")
+    clip_search: bool = Field(True, description="Static only: search a clipping ratio of the calibrated range "
+                                                "that minimises each layer's output error.")
+
+
+class Smoothing(BaseModel):
+    """SmoothQuant: divide inputs by s, multiply weight columns by s, s_j = max|X_j|^a / max|W_j|^(1-a)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float | Literal["search"] = Field(
+        "search", description="Migration strength in [0, 1], or 'search' per layer against the layer's output error.")
+    grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)],
+                              description="Strengths tried by 'search'.")
+    timestep_aware: bool = Field(
+        False, description="Weight each timestep's activation salience by its complementarity (1 - Spearman rho) "
+                           "with the weight salience, as PTQ4DiT does, instead of taking the max over timesteps.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        vals = self.grid if self.alpha == "search" else [self.alpha]
+        if not vals or any(not 0.0 <= a <= 1.0 for a in vals):
+            raise ValueError("smoothing strengths (alpha / grid) must lie in [0, 1]")
+        return self
+
+
+class LowRank(BaseModel):
+    """SVDQuant: keep a rank-r full-precision branch of the (smoothed) weight, quantize the residual."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(16, ge=1, le=1024, description="Rank of the full-precision branch.")
 
 
 @register_pass("quantize")
 class QuantizeConfig(PassConfig):
-    """Post-training quantization of transformer-block Linear layers (weights stored packed)."""
+    """Post-training quantization of transformer-block Linear layers (weight-only, W8A8, FP8, W4A8 + low-rank)."""
 
     pass_: Literal["quantize"] = Field("quantize", alias="pass")
     weights: WeightQuant = Field(default_factory=WeightQuant, description="Weight format.")
+    activations: ActivationQuant | None = Field(None, description="Activation format (None: weight-only).")
+    smoothing: Smoothing | None = Field(None, description="SmoothQuant outlier migration (None: off).")
+    low_rank: LowRank | None = Field(None, description="Full-precision low-rank outlier branch (None: off).")
     layers: LayerSelection = Field(default_factory=LayerSelection,
                                    description="Which block Linear layers to quantize (embedders, adaLN and the "
                                                "final layer stay in full precision by default).")
+    calibration: CalibrationConfig | None = Field(
+        None, description="Calibration trajectories for this pass (default: the recipe's 'calibration').")
+    max_rows: int = Field(512, ge=16, le=65536,
+                          description="Input rows kept per layer for the smoothing / clipping search (bounds memory).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        w, a = self.weights, self.activations
+        if not w.symmetric and (w.dtype == "fp8" or a is not None or self.smoothing or self.low_rank):
+            raise ValueError("weights.symmetric: asymmetric weights exist only for weight-only int8/int4 "
+                             "without smoothing or low_rank")
+        if w.group_size and w.dtype == "fp8":
+            raise ValueError("weights.group_size: fp8 weights use per-channel or per-tensor scales, not groups")
+        if a is not None and a.mode == "dynamic" and a.timestep_groups > 1:
+            raise ValueError("activations.timestep_groups: only static activation scales can depend on the timestep")
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        a = self.activations
+        return bool(self.smoothing or (a is not None and a.mode == "static"))
 
 
 @QuantizeConfig.applies
 def apply_quantize(model: nn.Module, config: QuantizeConfig, ctx) -> nn.Module:
-    adapter = get_adapter(model)
     names = select_block_linears(model, config.layers, "quantize")
+    _check_groups(model, names, config)
+    simple = config.activations is None and not config.smoothing and not config.low_rank and config.weights.dtype != "fp8"
+    if simple:
+        return _weight_only(model, names, config, ctx)
+    return _calibrated(model, names, config, ctx)
+
+
+def _check_groups(model: nn.Module, names: list[str], config: QuantizeConfig) -> None:
+    g = config.weights.group_size
+    for name in names:
+        lin = model.get_submodule(name)
+        if g and lin.in_features % g:
+            raise DitCompressError(
+                f"pass 'quantize', field 'weights.group_size': {g} does not divide layer '{name}' "
+                f"(in_features={lin.in_features}); choose a divisor or exclude the layer."
+            )
+        if config.low_rank and config.low_rank.rank >= min(lin.in_features, lin.out_features):
+            raise DitCompressError(
+                f"pass 'quantize', field 'low_rank.rank': {config.low_rank.rank} is not smaller than layer "
+                f"'{name}' ({lin.out_features}x{lin.in_features}); a low-rank branch that large stores more than the "
+                f"weight itself."
+            )
+
+
+def _weight_only(model, names, config, ctx):
+    adapter = get_adapter(model)
     bits = 8 if config.weights.dtype == "int8" else 4
     g = config.weights.group_size
     with ctx.progress("quantizing weights", len(names)) as advance:
         for name in names:
             lin = model.get_submodule(name)
-            if g and lin.in_features % g:
-                raise DitCompressError(
-                    f"pass 'quantize', field 'weights.group_size': {g} does not divide layer '{name}' "
-                    f"(in_features={lin.in_features}); choose a divisor or exclude the layer."
-                )
             adapter.replace(name, WeightOnlyLinear.from_linear(lin, bits, g, config.weights.symmetric))
             advance()
     ctx.note(f"{len(names)} Linear layers -> {config.weights.dtype} weights "
              f"({'group ' + str(g) if g else 'per channel'}, {'sym' if config.weights.symmetric else 'asym'})")
+    return model
+
+
+def _formats(config: QuantizeConfig) -> dict:
+    a = config.activations
+    return {
+        "weight_format": config.weights.dtype, "group_size": config.weights.group_size,
+        "weight_per_channel": config.weights.per_channel,
+        "act_format": None if a is None else a.dtype, "act_mode": "static" if a is None else a.mode,
+        "rank": config.low_rank.rank if config.low_rank else 0,
+    }
+
+
+def _step_groups(step_t: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Assign each recorded step to one of ``n_groups`` contiguous timestep groups (ascending t).
+
+    Returns (group index per step, bucket edges in timestep units or None for one group).
+    """
+    n_groups = min(n_groups, len(step_t))
+    if n_groups <= 1:
+        return torch.zeros(len(step_t), dtype=torch.long), None
+    order = step_t.argsort()
+    group = torch.empty(len(step_t), dtype=torch.long)
+    chunks = torch.tensor_split(order, n_groups)
+    for gi, c in enumerate(chunks):
+        group[c] = gi
+    edges = torch.stack([(step_t[a].max() + step_t[b].min()) / 2 for a, b in zip(chunks[:-1], chunks[1:])])
+    return group, edges
+
+
+def _layer_candidate(lin, st, smooth, clip, step_group, edges, n_groups, fmt):
+    """Quantized layer for one (smoothing, clipping) choice and its relative output error on sampled rows."""
+    act_scale = None
+    if fmt["act_format"] is not None and fmt["act_mode"] == "static":
+        per_step = (st.absmax / (smooth if smooth is not None else 1.0)).amax(1)  # (steps,)
+        qmax = ACT_FORMATS[fmt["act_format"]][1]
+        act_scale = torch.stack([per_step[step_group == g].max() for g in range(n_groups)]) * clip / qmax
+    q = QuantLinear.from_linear(lin, smooth=smooth, act_scale=act_scale, act_edges=edges, **fmt)
+    x = st.rows.to(lin.weight.device)
+    with torch.no_grad():
+        ref = lin(x)
+        row_scale = None if act_scale is None else q.act_scale[step_group[st.row_step]][:, None]
+        err = (q(x, act_scale=row_scale) - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12)
+    return q, float(err)
+
+
+def _calibrated(model, names, config, ctx):
+    adapter = get_adapter(model)
+    fmt = _formats(config)
+    a, sm = config.activations, config.smoothing
+    stats = None
+    if config.needs_calibration:
+        calib = ctx.calibration(config.calibration)
+        with ctx.progress(f"collecting input statistics of {len(names)} layers",
+                          num_stat_batches(calib, 64)) as advance:
+            stats = collect_input_stats(model, names, calib, max_rows=config.max_rows, seed=ctx.seed,
+                                        progress=advance)
+    n_groups = a.timestep_groups if a is not None and a.mode == "static" else 1
+    if stats is not None:
+        step_group, edges = _step_groups(stats.step_t, n_groups)
+        n_groups = int(step_group.max()) + 1
+    alphas, clips, errors = [], [], []
+    with ctx.progress("quantizing layers", len(names)) as advance:
+        for name in names:
+            lin = model.get_submodule(name)
+            if stats is None:  # dynamic activations / fp8 weight-only without smoothing: nothing to calibrate
+                q = QuantLinear.from_linear(lin, **fmt)
+                adapter.replace(name, q)
+                advance()
+                continue
+            st = stats.layers[name]
+            salience = activation_salience(st, lin.weight, sm.timestep_aware) if sm else None
+            w_sal = lin.weight.detach().float().abs().amax(0)
+
+            def smooth_for(alpha):
+                if salience is None:
+                    return None
+                s = salience.clamp_min(1e-5).pow(alpha) / w_sal.clamp_min(1e-5).pow(1 - alpha)
+                return s.clamp(1e-4, 1e4)
+
+            grid = ([None] if sm is None else sm.grid if sm.alpha == "search" else [sm.alpha])
+            best = min(((alpha, *_layer_candidate(lin, st, smooth_for(alpha), 1.0, step_group, edges, n_groups, fmt))
+                        for alpha in grid), key=lambda r: r[2])
+            alpha, q, err = best
+            clip = 1.0
+            if a is not None and a.mode == "static" and a.clip_search:
+                for c in (0.9, 0.8, 0.7, 0.6, 0.5):
+                    q2, e2 = _layer_candidate(lin, st, smooth_for(alpha), c, step_group, edges, n_groups, fmt)
+                    if e2 < err:
+                        q, err, clip = q2, e2, c
+            adapter.replace(name, q)
+            alphas.append(alpha)
+            clips.append(clip)
+            errors.append(err)
+            advance(info=f"{name}: rel. err {err:.2e}")
+    if n_groups > 1:
+        track_timesteps(model)
+    desc = (f"{len(names)} Linear layers -> W:{fmt['weight_format']}"
+            f"{'/g' + str(fmt['group_size']) if fmt['group_size'] else ''} "
+            f"A:{(a.dtype + '/' + a.mode) if a else 'none'}")
+    if n_groups > 1:
+        desc += f" ({n_groups} timestep groups)"
+    if config.low_rank:
+        desc += f", low-rank branch r={config.low_rank.rank}"
+    ctx.note(desc)
+    if errors:
+        if sm:
+            ctx.note(f"smoothing{' (timestep-aware)' if sm.timestep_aware else ''}: alpha mean "
+                     f"{sum(alphas) / len(alphas):.2f} (min {min(alphas)}, max {max(alphas)})")
+        if any(c < 1.0 for c in clips):
+            ctx.note(f"activation clipping: {sum(c < 1.0 for c in clips)} layers clipped, min ratio {min(clips)}")
+        worst = max(range(len(errors)), key=errors.__getitem__)
+        ctx.note(f"layer output rel. MSE: mean {sum(errors) / len(errors):.2e}, worst {errors[worst]:.2e} "
+                 f"({names[worst]})")
     return model

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -31,11 +32,24 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 
 def train(steps: int, workdir: Path, batch: int = 128, lr: float = 3e-4, ema_decay: float = 0.999,
-          ckpt_every: int = 250, seed: int = 0, export: Path | None = WEIGHTS) -> DiT:
+          ckpt_every: int = 250, seed: int = 0, export: Path | None = WEIGHTS, init_from: Path | None = None,
+          cosine: bool = False) -> DiT:
+    """Train (or, with ``init_from``, continue training from released weights) and export the EMA.
+
+    ``cosine`` decays the learning rate to zero over ``steps``: the usual way to finish a run.
+    """
     torch.manual_seed(seed)
     workdir.mkdir(parents=True, exist_ok=True)
     images, labels = digits_dataset()
     model = DiT(REFERENCE_CONFIG)
+    prior_steps = 0
+    if init_from is not None:
+        from safetensors import safe_open
+
+        with safe_open(str(init_from), "pt") as f:
+            prior_steps = int((f.metadata() or {}).get("train_steps", 0))
+            model.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+        print(f"initialised from {init_from} ({prior_steps} earlier steps)", flush=True)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = training_scheduler()
@@ -60,6 +74,8 @@ def train(steps: int, workdir: Path, batch: int = 128, lr: float = 3e-4, ema_dec
         xt = sched.add_noise(x0, noise, t)
         for g in opt.param_groups:  # short linear warm-up
             g["lr"] = lr * min(1.0, (step + 1) / 200)
+            if cosine:
+                g["lr"] *= 0.5 * (1 + math.cos(math.pi * step / steps))
         loss = F.mse_loss(model(xt, t, y), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -79,7 +95,8 @@ def train(steps: int, workdir: Path, batch: int = 128, lr: float = 3e-4, ema_dec
                                 "gen": gen.get_state(), "step": step}, ckpt)
     if export is not None:
         sd = {k: v.contiguous() for k, v in ema.state_dict().items()}
-        meta = {"dit_config": json.dumps(REFERENCE_CONFIG.to_dict()), "train_steps": str(step), "seed": str(seed)}
+        meta = {"dit_config": json.dumps(REFERENCE_CONFIG.to_dict()), "train_steps": str(prior_steps + step),
+                "seed": str(seed), "init_from": str(init_from or "")}
         tmp = export.with_suffix(".tmp")
         save_file(sd, tmp, metadata=meta)
         os.replace(tmp, export)
@@ -96,8 +113,11 @@ def main() -> None:
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--export", type=Path, default=WEIGHTS)
+    p.add_argument("--init-from", type=Path, default=None, help="continue from these weights (e.g. the shipped ones)")
+    p.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to zero over --steps")
     a = p.parse_args()
-    train(a.steps, a.workdir, a.batch, a.lr, ckpt_every=a.ckpt_every, seed=a.seed, export=a.export)
+    train(a.steps, a.workdir, a.batch, a.lr, ckpt_every=a.ckpt_every, seed=a.seed, export=a.export,
+          init_from=a.init_from, cosine=a.cosine)
 
 
 if __name__ == "__main__":

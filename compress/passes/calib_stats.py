@@ -1,0 +1,117 @@
+"""Per-layer input statistics gathered along the calibration trajectories, in bounded memory.
+
+Calibration rows are run step by step (every batch holds rows of one sampling step), and forward
+pre-hooks on the chosen Linear layers keep only what quantization needs:
+
+* ``absmax[step, channel]``: per-input-channel max |x| for every recorded step (tiny: steps x in);
+* ``rows`` / ``row_step``: a fixed-size random sample of input rows (tokens) with the step each came
+  from, used to search smoothing strengths and clipping ratios against the layer's real outputs.
+
+Peak memory is therefore the model, one batch's activations and ``max_rows`` rows per layer, whatever
+the number of samples or steps in the trajectory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compress.models.adapters import get_adapter
+from compress.passes.context import CalibrationSet
+from compress.diffusion.sampling import slice_cond
+
+
+@dataclass
+class LayerInputStats:
+    absmax: torch.Tensor  # (steps, in_features)
+    rows: torch.Tensor  # (k, in_features) sampled input rows
+    row_step: torch.Tensor  # (k,) index into ``step_ids`` of each row
+
+
+@dataclass
+class InputStats:
+    step_ids: list[int]  # sampling-step index of each absmax row
+    step_t: torch.Tensor  # (steps,) the timestep value each step runs at
+    layers: dict[str, LayerInputStats]
+
+
+@torch.no_grad()
+def collect_input_stats(model: nn.Module, names: list[str], calib: CalibrationSet, *, max_rows: int = 512,
+                        batch_size: int = 64, seed: int = 0, progress=None) -> InputStats:
+    """Run ``calib`` through ``model`` and summarise the inputs of each layer in ``names``."""
+    adapter = get_adapter(model)
+    step_ids = sorted(set(calib.step.tolist()))
+    pos = {s: i for i, s in enumerate(step_ids)}
+    batches = []
+    for s in step_ids:
+        idx = (calib.step == s).nonzero().flatten()
+        batches += [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    step_t = torch.stack([calib.t[(calib.step == s).nonzero()[0, 0]].float() for s in step_ids])
+    gen = torch.Generator().manual_seed(seed)
+    layers = {n: model.get_submodule(n) for n in names}
+    absmax = {n: torch.zeros(len(step_ids), m.in_features) for n, m in layers.items()}
+    rows: dict[str, list] = {n: [] for n in names}
+    row_step: dict[str, list] = {n: [] for n in names}
+    current = {"step": 0}
+
+    def hook(name):
+        def fn(_m, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
+            i = current["step"]
+            absmax[name][i] = torch.maximum(absmax[name][i], x.abs().amax(0))
+            k = min(x.shape[0], -(-max_rows // len(batches)))
+            pick = torch.randperm(x.shape[0], generator=gen)[:k]
+            rows[name].append(x[pick])
+            row_step[name].append(torch.full((k,), i))
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        for b in batches:
+            current["step"] = pos[int(calib.step[b[0]])]
+            x = calib.x[b].to(next(model.parameters()).device)
+            adapter.forward(x, calib.t[b].to(x.device), slice_cond(calib.cond, b))
+            if progress:
+                progress()
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for n in names:
+        r, rs = torch.cat(rows[n]), torch.cat(row_step[n])
+        if r.shape[0] > max_rows:
+            keep = torch.randperm(r.shape[0], generator=gen)[:max_rows]
+            r, rs = r[keep], rs[keep]
+        out[n] = LayerInputStats(absmax[n], r, rs)
+    return InputStats(step_ids, step_t, out)
+
+
+def num_stat_batches(calib: CalibrationSet, batch_size: int) -> int:
+    return sum(-(-int((calib.step == s).sum()) // batch_size) for s in set(calib.step.tolist()))
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two vectors."""
+    ra = a.argsort().argsort().float()
+    rb = b.argsort().argsort().float()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
+
+
+def activation_salience(stats: LayerInputStats, weight: torch.Tensor, timestep_aware: bool) -> torch.Tensor:
+    """Per-input-channel activation salience used by smoothing.
+
+    Plain SmoothQuant takes the max over all calibration steps. The timestep-aware variant (after
+    PTQ4DiT) weights each step's salience by how complementary it is to the weight salience: steps
+    whose activation outlier channels are *not* the weight's outlier channels (low Spearman rho) are the
+    ones where migrating difficulty into the weights pays off, so they count more.
+    """
+    if not timestep_aware:
+        return stats.absmax.amax(0)
+    w_sal = weight.detach().float().abs().amax(0)
+    rho = torch.tensor([spearman(a, w_sal) for a in stats.absmax])
+    eta = (1 - rho).clamp_min(0)
+    eta = eta / eta.sum().clamp_min(1e-12)
+    return (eta[:, None] * stats.absmax).sum(0)
