@@ -108,6 +108,57 @@ def apply(recipe: str = typer.Argument(..., help="recipe YAML (or the name of a 
 
 
 @app.command()
+def sensitivity(model: str = typer.Argument(..., help="model to analyse ('reference', a checkpoint, an artifact...)"),
+                formats: str = typer.Option("w4a8,w8a8-int8",
+                                            help="comma-separated quantization recipes (one quantize pass each)"),
+                budget: str = typer.Option("w8a8-int8", help="size budget: MB (e.g. 5.5) or a format name, meaning "
+                                                             "the size of that format applied uniformly"),
+                out: Path = typer.Option(Path("mixed-precision.yaml"), help="where to write the plan as a recipe"),
+                samples: int = typer.Option(16, help="calibration images (their trajectories are recorded)"),
+                steps: int = typer.Option(25, help="calibration sampling steps"),
+                top: int = typer.Option(15, help="rows of the ranking to print")) -> None:
+    """Rank block Linears by the output error their quantization alone causes; plan mixed precision."""
+    from compress import load_model
+    from compress.passes import CalibrationConfig
+    from compress.sensitivity import measure_sensitivity, write_recipe
+
+    fmts = [f.strip() for f in formats.split(",") if f.strip()]
+    if not fmts:
+        raise DitCompressError("--formats: give at least one quantization recipe.")
+    m = load_model(model)
+    sens = measure_sensitivity(m, fmts, calibration=CalibrationConfig(samples=samples, steps=steps), console=console)
+    if budget in sens.formats:
+        budget_bytes = sens.plan_size(sens.uniform(budget))
+    else:
+        try:
+            budget_bytes = int(float(budget) * 1e6)
+        except ValueError:
+            raise DitCompressError(f"--budget {budget!r}: expected MB or one of {', '.join(sens.formats)}.") from None
+    plan = sens.plan(budget_bytes)
+    table = Table(title=f"{model}: relative output MSE when only this layer is quantized (worst first)")
+    table.add_column("layer")
+    for f in fmts:
+        table.add_column(f, justify="right")
+    table.add_column("plan")
+    worst = sorted(sens.layers, key=lambda n: -max(sens.error[n][f] for f in fmts))
+    for n in worst[:top]:
+        table.add_row(n, *[f"{sens.error[n][f]:.2e}" for f in fmts], plan[n])
+    console.print(table)
+    counts = {f: sum(v == f for v in plan.values()) for f in sens.formats}
+    est = sum(sens.error[n][plan[n]] for n in sens.layers)
+    desc = (f"Mixed precision from `dit-compress sensitivity {model}`: " + ", ".join(
+        f"{c} layers {f}" for f, c in counts.items() if c) + f"; {sens.plan_size(plan) / 1e6:.3f} MB "
+        f"(budget {budget_bytes / 1e6:.3f} MB), summed per-layer error {est:.2e}.")
+    write_recipe(sens.recipe(plan, out.stem, desc), out)
+    for f in sens.formats:
+        u = sens.uniform(f)
+        console.print(f"uniform {f}: {sens.plan_size(u) / 1e6:.3f} MB, summed per-layer error "
+                      f"{sum(sens.error[n][f] for n in sens.layers):.2e}")
+    console.print(desc)
+    console.print(f"wrote {out} (apply it with: dit-compress apply {out} {model} --out DIR)")
+
+
+@app.command()
 def recipes(schema: bool = typer.Option(False, "--schema", help="print the recipe JSON Schema")) -> None:
     """List the bundled recipes, or print the JSON Schema editors can validate recipes with."""
     from compress.recipe import bundled_recipes, recipe_schema

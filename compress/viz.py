@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from compress.io import atomic_write_bytes
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -33,9 +35,6 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int = 4,
         r, c = divmod(i, nrow)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
     out = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    out.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    out.save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())

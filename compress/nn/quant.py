@@ -196,8 +196,9 @@ class QuantLinear(nn.Module):
         static = act_format is not None and act_mode == "static"
         self.register_buffer("act_scale", torch.ones(act_groups) if static else None)
         self.register_buffer("act_edges", torch.zeros(act_groups - 1) if static and act_groups > 1 else None)
-        self.register_buffer("lora_down", torch.zeros(rank, in_features) if rank else None)
-        self.register_buffer("lora_up", torch.zeros(out_features, rank) if rank else None)
+        # the low-rank branch is kept in 16-bit, as SVDQuant does: high precision for a few directions, half the bytes
+        self.register_buffer("lora_down", torch.zeros(rank, in_features, dtype=torch.float16) if rank else None)
+        self.register_buffer("lora_up", torch.zeros(out_features, rank, dtype=torch.float16) if rank else None)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     # -- construction ---------------------------------------------------------------------------------
@@ -215,9 +216,9 @@ class QuantLinear(nn.Module):
         if m.rank:
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
             r = m.rank
-            m.lora_up.copy_(u[:, :r] * s[:r])
-            m.lora_down.copy_(vh[:r])
-            w = w - m.lora_up @ m.lora_down
+            m.lora_up.copy_(u[:, :r] * s[:r].sqrt())
+            m.lora_down.copy_(s[:r].sqrt()[:, None] * vh[:r])  # balanced factors: both fit fp16 comfortably
+            w = w - m.lora_up.float() @ m.lora_down.float()
         m._set_weight(w)
         if m.act_scale is not None:
             if act_scale is None:
