@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from compress.errors import DitCompressError
 from compress.models.adapters import get_adapter
+from compress.models.reference import REFERENCE_CFG
 
 from benchmarks import report as rep
 from benchmarks import speed as spd
@@ -49,7 +50,7 @@ class Variant:
 class BenchConfig:
     samples: int = 200
     steps: int = 50
-    cfg_scale: float = 2.0
+    cfg_scale: float = REFERENCE_CFG
     seed: int = 0
     sampler: str = "default"
     speed_batch: int = 8
@@ -280,7 +281,7 @@ def _source_to_spec(v: Any) -> Any:
 class BenchConfigSpec(_Strict):
     samples: int = Field(200, ge=1)
     steps: int = Field(50, ge=1)
-    cfg_scale: float = 2.0
+    cfg_scale: float = REFERENCE_CFG
     seed: int = 0
     sampler: str = "default"
     speed_batch: int = Field(8, ge=1)

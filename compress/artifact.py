@@ -29,6 +29,9 @@ VERSION = 1
 def save(model: nn.Module, out_dir: str | Path, *, force: bool = False) -> Path:
     """Write ``model`` and its manifest to ``out_dir`` atomically (temp dir + rename)."""
     out = Path(out_dir)
+    why = getattr(model, "_dit_compress_unsaveable", None)
+    if why:
+        raise DitCompressError(f"{out}: this model cannot be saved as an artifact: {why}.")
     if out.exists() and not force:
         raise DitCompressError(f"{out}: already exists; pass --force (force=True) to replace it.")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -198,19 +198,21 @@ def bench(artifacts: list[str] = typer.Argument(None, help="artifact dirs / mode
     run_bench(base, variants, config, out, console=console)
 
 
+DEMO_RECIPES = ("int8-weights", "int4-weights-g32", "w8a8-int8", "w4a8-svd")
+
+
 @app.command()
 def demo(out: Path = typer.Option(Path("out/demo"), help="where artifacts and the report go"),
          samples: int = typer.Option(500, help="samples per variant for FD / class accuracy / PSNR"),
-         steps: int = typer.Option(50, help="sampling steps")) -> None:
-    """Apply every bundled recipe to the reference model, benchmark them against it, print the table."""
+         steps: int = typer.Option(50, help="sampling steps"),
+         recipes: str = typer.Option(",".join(DEMO_RECIPES), help="comma-separated recipes to apply")) -> None:
+    """Apply a few bundled recipes to the reference model, benchmark them against it, print the table."""
     import compress
     from benchmarks.harness import BenchConfig, Variant, run_bench
     from compress.models.reference import REFERENCE_CFG, WEIGHTS
-    from compress.recipe import bundled_recipes
-
     source = compress.load_model("reference")
     variants = []
-    for name in bundled_recipes():
+    for name in [r.strip() for r in recipes.split(",") if r.strip()]:
         console.print(f"applying [bold]{name}[/] to the reference model")
         art = compress.save(compress.apply_recipe(source, name, console=console), out / "artifacts" / name, force=True)
         variants.append(Variant(name=name, model=compress.load(art), recipe=name,

@@ -181,3 +181,50 @@ def test_non_finite_quantized_layer_is_named(tiny_native):
         tiny_native.blocks[2].mlp.fc1.weight[0, 0] = float("inf")
     with pytest.raises(DitCompressError, match=r"blocks\.2\.mlp\.fc1"):
         ctx.check_finite(tiny_native, "quantize")
+
+
+def test_nncf_backend_runs_on_the_same_layers_and_refuses_to_save(tiny_native, tmp_path):
+    pytest.importorskip("nncf", reason="NNCF is an optional extra (pip install 'dit-compress[nncf]')")
+    q = apply_recipe(tiny_native, recipe({**W8A8, "backend": "nncf", "smoothing": {}}), show_progress=False)
+    assert rel_err(outputs(q), outputs(tiny_native)) < 0.02
+    with pytest.raises(DitCompressError, match="NNCF"):
+        save(q, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_nncf_backend_rejects_formats_it_does_not_run():
+    with pytest.raises(DitCompressError, match="backend"):
+        recipe({"pass": "quantize", "backend": "nncf", "weights": {"dtype": "int4", "group_size": 16},
+                "activations": {}})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real INT8/FP8 matmuls (torch._int_mm / _scaled_mm) need a GPU")
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_cuda_kernels_match_fake_quant(fmt):
+    if fmt == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 matmuls need compute capability >= 8.9")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 512)
+    x = torch.randn(64, 256)
+    qmax = 127 if fmt == "int8" else FP8_MAX
+    q = QuantLinear.from_linear(lin, act_scale=(x.abs().max() / qmax).reshape(1), weight_format=fmt, act_format=fmt)
+    fake = q(x)
+    real = q.cuda()(x.cuda()).cpu()
+    assert rel_err(real, fake) < (1e-6 if fmt == "int8" else 1e-4)
+
+
+def test_calibration_statistics_stay_bounded(tiny_native):
+    from compress.passes.calib_stats import collect_input_stats
+    from compress.passes.context import CalibrationConfig
+
+    ctx = PassContext(teacher=tiny_native, show_progress=False)
+    calib = ctx.calibration(CalibrationConfig(samples=8, steps=6, batch_size=8))
+    names = ["blocks.0.attn.qkv", "blocks.3.mlp.fc2"]
+    st = collect_input_stats(tiny_native, names, calib, max_rows=40, batch_size=4)
+    assert len(st.step_ids) == 6 and st.step_t.shape == (6,)
+    assert bool((st.step_t[:-1] > st.step_t[1:]).all())  # steps run from noise (high t) to data
+    for n in names:
+        s = st.layers[n]
+        assert s.rows.shape[0] <= 40 and s.rows.shape[1] == tiny_native.get_submodule(n).in_features
+        assert s.absmax.shape == (6, s.rows.shape[1]) and bool((s.absmax > 0).all())
+        assert bool((s.rows.abs() <= s.absmax[s.row_step] + 1e-6).all())  # every kept row is within its step's range

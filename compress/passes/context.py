@@ -141,13 +141,19 @@ class PassContext:
         try:
             x = torch.randn((2, *adapter.latent_shape), generator=gen)
             cond = adapter.example_cond(2, gen)
-            for t in (50.0, 500.0, 950.0):
-                out = adapter.forward(x, torch.full((2,), t), cond)
+            checks = [(x, torch.full((2,), t), cond, "seeded noise") for t in (50.0, 500.0, 950.0)]
+            for calib in self._calib_cache.values():  # and real calibration inputs across the trajectory
+                pick = torch.linspace(0, len(calib) - 1, min(8, len(calib))).long()
+                checks.append((calib.x[pick].to(self.device), calib.t[pick].to(self.device),
+                               slice_cond(calib.cond, pick), "calibration inputs"))
+            for xi, ti, ci, what in checks:
+                out = adapter.forward(xi, ti, ci)
                 if not torch.isfinite(out).all():
                     where = f"first at layer '{bad[0]}'" if bad else "in the final output"
                     raise DitCompressError(
-                        f"pass '{pass_name}' produced non-finite outputs (NaN/Inf) at t={t:.0f}, {where}. "
-                        f"Exclude that layer from the pass or use a wider format for it."
+                        f"pass '{pass_name}' produced non-finite outputs (NaN/Inf) on {what} at "
+                        f"t={float(ti.reshape(-1)[0]):.0f}, {where}. Exclude that layer from the pass or use a "
+                        f"wider format for it."
                     )
         finally:
             for h in handles:

@@ -101,6 +101,13 @@ class QuantizeConfig(PassConfig):
                                                "final layer stay in full precision by default).")
     calibration: CalibrationConfig | None = Field(
         None, description="Calibration trajectories for this pass (default: the recipe's 'calibration').")
+    backend: Literal["native", "nncf"] = Field(
+        "native", description="'native': dit-compress's quantizer. 'nncf': run NNCF's PTQ (SmoothQuant + fake "
+                              "quantizers, INT8 only) on the same layers and calibration data, for a side-by-side "
+                              "comparison; such a model can be sampled and benchmarked but not saved.")
+    bias_correction: bool = Field(
+        True, description="Shift each layer's bias by the mean output error quantization causes on the calibration "
+                          "rows (as NNCF's fast bias correction does).")
     max_rows: int = Field(512, ge=16, le=65536,
                           description="Input rows kept per layer for the smoothing / clipping search (bounds memory).")
 
@@ -112,6 +119,10 @@ class QuantizeConfig(PassConfig):
                              "without smoothing or low_rank")
         if w.group_size and w.dtype == "fp8":
             raise ValueError("weights.group_size: fp8 weights use per-channel or per-tensor scales, not groups")
+        if self.backend == "nncf" and (w.dtype != "int8" or a is None or a.dtype != "int8" or a.mode != "static"
+                                       or a.timestep_groups > 1 or self.low_rank or not w.symmetric):
+            raise ValueError("backend: 'nncf' runs NNCF's INT8 PTQ, i.e. weights int8 symmetric and static int8 "
+                             "activations with one timestep group and no low_rank")
         if a is not None and a.mode == "dynamic" and a.timestep_groups > 1:
             raise ValueError("activations.timestep_groups: only static activation scales can depend on the timestep")
         return self
@@ -126,6 +137,10 @@ class QuantizeConfig(PassConfig):
 def apply_quantize(model: nn.Module, config: QuantizeConfig, ctx) -> nn.Module:
     names = select_block_linears(model, config.layers, "quantize")
     _check_groups(model, names, config)
+    if config.backend == "nncf":
+        from compress.passes.quantize_nncf import apply_nncf
+
+        return apply_nncf(model, names, config, ctx)
     simple = config.activations is None and not config.smoothing and not config.low_rank and config.weights.dtype != "fp8"
     if simple:
         return _weight_only(model, names, config, ctx)
@@ -190,7 +205,7 @@ def _step_groups(step_t: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, tor
     return group, edges
 
 
-def _layer_candidate(lin, st, smooth, clip, step_group, edges, n_groups, fmt):
+def _layer_candidate(lin, st, smooth, clip, step_group, edges, n_groups, fmt, bias_correction):
     """Quantized layer for one (smoothing, clipping) choice and its relative output error on sampled rows."""
     act_scale = None
     if fmt["act_format"] is not None and fmt["act_mode"] == "static":
@@ -202,7 +217,12 @@ def _layer_candidate(lin, st, smooth, clip, step_group, edges, n_groups, fmt):
     with torch.no_grad():
         ref = lin(x)
         row_scale = None if act_scale is None else q.act_scale[step_group[st.row_step]][:, None]
-        err = (q(x, act_scale=row_scale) - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12)
+        y = q(x, act_scale=row_scale)
+        if bias_correction and q.bias is not None:  # remove the mean output shift quantization introduces
+            shift = (ref - y).mean(0)
+            q.bias.add_(shift)
+            y = y + shift
+        err = (y - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12)
     return q, float(err)
 
 
@@ -222,6 +242,7 @@ def _calibrated(model, names, config, ctx):
         step_group, edges = _step_groups(stats.step_t, n_groups)
         n_groups = int(step_group.max()) + 1
     alphas, clips, errors = [], [], []
+    bc = config.bias_correction
     with ctx.progress("quantizing layers", len(names)) as advance:
         for name in names:
             lin = model.get_submodule(name)
@@ -241,13 +262,13 @@ def _calibrated(model, names, config, ctx):
                 return s.clamp(1e-4, 1e4)
 
             grid = ([None] if sm is None else sm.grid if sm.alpha == "search" else [sm.alpha])
-            best = min(((alpha, *_layer_candidate(lin, st, smooth_for(alpha), 1.0, step_group, edges, n_groups, fmt))
+            best = min(((alpha, *_layer_candidate(lin, st, smooth_for(alpha), 1.0, step_group, edges, n_groups, fmt, bc))
                         for alpha in grid), key=lambda r: r[2])
             alpha, q, err = best
             clip = 1.0
             if a is not None and a.mode == "static" and a.clip_search:
                 for c in (0.9, 0.8, 0.7, 0.6, 0.5):
-                    q2, e2 = _layer_candidate(lin, st, smooth_for(alpha), c, step_group, edges, n_groups, fmt)
+                    q2, e2 = _layer_candidate(lin, st, smooth_for(alpha), c, step_group, edges, n_groups, fmt, bc)
                     if e2 < err:
                         q, err, clip = q2, e2, c
             adapter.replace(name, q)

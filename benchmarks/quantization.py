@@ -1,0 +1,137 @@
+"""Quantization side by side on the reference model: dit-compress formats vs NNCF and ModelOpt, and ablations.
+
+    python -m benchmarks.quantization --part main --samples 1000 --out benchmarks/results/quantization
+    python -m benchmarks.quantization --part ablation --samples 300 --out benchmarks/results/quantization
+
+Every variant is calibrated on the *same* recorded trajectories (one PassContext) and sampled from the
+same noise and labels as the source, so PSNR/SSIM measure fidelity to the source and FD / class
+accuracy measure quality against the real digits. Speed is not measured here: on this CPU the formats
+run as fake quantization (speed lives in the export benchmarks and the GPU runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from benchmarks.harness import BenchConfig, Variant, run_bench
+from compress import apply_recipe, load_model, load_recipe
+from compress.io import atomic_write_text
+from compress.models.reference import REFERENCE_CFG
+from compress.passes import CalibrationConfig, PassContext
+from compress.recipe import parse_recipe
+
+MAIN = ["w8a8-int8", "w8a8-int8-nncf", "modelopt-int8-smoothquant", "fp8", "w4a8-svd", "mixed-w4a8-w8a8",
+        "int4-weights-g32"]
+OTHERS = ["w8a8-int8-dynamic", "fp8-per-tensor-dynamic", "w4a8", "int8-weights"]
+
+W8A8 = {"pass": "quantize", "weights": {"dtype": "int8"}, "activations": {"dtype": "int8"}}
+W4A8 = {"pass": "quantize", "weights": {"dtype": "int4", "group_size": 32}, "activations": {"dtype": "int8"}}
+ABLATION = {
+    "w8a8 RTN (no smoothing, no bias corr.)": {**W8A8, "bias_correction": False},
+    "w8a8 + smoothing": {**W8A8, "smoothing": {}, "bias_correction": False},
+    "w8a8 + smoothing + bias corr. (= w8a8-int8)": {**W8A8, "smoothing": {}},
+    "w8a8 + timestep-aware smoothing": {**W8A8, "smoothing": {"timestep_aware": True}},
+    "w8a8 + timestep-aware + 4 timestep groups": {**W8A8, "activations": {"dtype": "int8", "timestep_groups": 4},
+                                                  "smoothing": {"timestep_aware": True}},
+    "w4a8 RTN": {**W4A8, "bias_correction": False},
+    "w4a8 + smoothing": {**W4A8, "smoothing": {}},
+    "w4a8 + smoothing + low-rank r16": {**W4A8, "smoothing": {}, "low_rank": {"rank": 16}},
+    "w4a8 + ts-aware + 4 groups + low-rank (= w4a8-svd)": {
+        **W4A8, "activations": {"dtype": "int8", "timestep_groups": 4}, "smoothing": {"timestep_aware": True},
+        "low_rank": {"rank": 16}},
+}
+
+
+def _recipe_variant(name: str, model, ctx) -> Variant:
+    t0 = time.perf_counter()
+    q = apply_recipe(model, load_recipe(name), ctx=ctx, show_progress=False)
+    v = Variant(name, q, recipe=name)
+    v.apply_seconds = round(time.perf_counter() - t0, 1)
+    return v
+
+
+def _variant(name: str, model, ctx, console) -> Variant | None:
+    t0 = time.perf_counter()
+    if name == "modelopt-int8-smoothquant":
+        try:
+            from benchmarks.competitors import modelopt_int8_smoothquant
+
+            v = Variant(name, modelopt_int8_smoothquant(model, ctx), recipe="ModelOpt INT8_SMOOTHQUANT_CFG")
+        except ImportError:
+            console.print("[yellow]nvidia-modelopt not installed: ModelOpt row skipped[/]")
+            return None
+    elif name == "w8a8-int8-nncf":
+        try:
+            import nncf  # noqa: F401
+        except ImportError:
+            console.print("[yellow]nncf not installed: NNCF row skipped[/]")
+            return None
+        v = _recipe_variant(name, model, ctx)
+    elif name == "mixed-w4a8-w8a8":
+        from compress.sensitivity import measure_sensitivity
+
+        sens = measure_sensitivity(model, ["w4a8", "w8a8-int8"], calibration=ctx.calibration_config)
+        plan = sens.plan(sens.plan_size(sens.uniform("w8a8-int8")))
+        data = sens.recipe(plan, name, "sensitivity plan at the size of uniform w8a8-int8")
+        data["defaults"] = {"calibration": ctx.calibration_config.model_dump()}
+        q = apply_recipe(model, parse_recipe(data), ctx=ctx, show_progress=False)
+        v = Variant(name, q, recipe="sensitivity plan (budget: uniform w8a8-int8 size)")
+        v.plan = {f: sum(x == f for x in plan.values()) for f in sens.formats}
+    else:
+        v = _recipe_variant(name, model, ctx)
+    v.apply_seconds = round(time.perf_counter() - t0, 1)
+    return v
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=["main", "others", "ablation", "calibration-size"], default="main")
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg", type=float, default=REFERENCE_CFG)
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-steps", type=int, default=25)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/quantization"))
+    a = p.parse_args()
+    console = Console(width=180)
+    model = load_model("reference")
+    cal = CalibrationConfig(samples=a.calib_samples, steps=a.calib_steps)
+    ctx = PassContext(teacher=model, calibration_config=cal, show_progress=False)
+    variants: list[Variant] = []
+    if a.part in ("main", "others"):
+        for name in MAIN if a.part == "main" else OTHERS:
+            v = _variant(name, model, ctx, console)
+            if v is not None:
+                variants.append(v)
+                console.print(f"prepared {name} in {v.apply_seconds} s")
+    elif a.part == "ablation":
+        for name, spec in ABLATION.items():
+            r = parse_recipe({"name": "ablation", "description": name, "passes": [spec],
+                              "defaults": {"calibration": cal.model_dump()}})
+            variants.append(Variant(name, apply_recipe(model, r, ctx=ctx, show_progress=False), recipe=json.dumps(spec)))
+    else:  # calibration-size
+        for n in (16, 64, 256):
+            c = cal.model_copy(update={"samples": n})
+            r = load_recipe("w8a8-int8")
+            r = r.model_copy(update={"defaults": r.defaults.model_copy(update={"calibration": c})})
+            variants.append(Variant(f"w8a8-int8, {n} calibration images", apply_recipe(model, r, ctx=ctx,
+                                                                                        show_progress=False),
+                                    recipe="w8a8-int8"))
+    cfg = BenchConfig(samples=a.samples, steps=a.steps, cfg_scale=a.cfg, speed=False, grid=a.part == "main")
+    out = a.out / a.part
+    report = run_bench(Variant("source", model), variants, cfg, out, console=console)
+    extra = {v.name: {k: getattr(v, k) for k in ("apply_seconds", "plan") if hasattr(v, k)} for v in variants}
+    report["calibration"] = cal.model_dump()
+    report["apply"] = extra
+    report["command"] = (f"python -m benchmarks.quantization --part {a.part} --samples {a.samples} --steps {a.steps} "
+                         f"--cfg {a.cfg} --calib-samples {a.calib_samples} --calib-steps {a.calib_steps}")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
