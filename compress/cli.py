@@ -158,6 +158,26 @@ def sensitivity(model: str = typer.Argument(..., help="model to analyse ('refere
     console.print(f"wrote {out} (apply it with: dit-compress apply {out} {model} --out DIR)")
 
 
+export_app = typer.Typer(help="Export a model or artifact to ONNX (validated against PyTorch) or TensorRT.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("onnx")
+def export_onnx_cmd(model: str = typer.Argument(..., help="artifact dir or any model source"),
+                    out: Path = typer.Option(..., help="output directory (model.onnx, model.onnx.data, export.json)"),
+                    opset: int = typer.Option(18, help="ONNX opset (>= 18)"),
+                    tolerance: float = typer.Option(None, help="max relative error vs PyTorch (default: 1e-4 "
+                                                               "fp32, 2e-2 fake-quant)"),
+                    force: bool = typer.Option(False, help="replace an existing output directory")) -> None:
+    """Export to ONNX and validate with ONNX Runtime; a failed validation leaves nothing behind."""
+    from compress import load_model
+    from exporters.onnx import export_onnx
+
+    if opset < 18:
+        raise DitCompressError(f"--opset {opset}: the exporter needs opset 18 or newer.")
+    export_onnx(load_model(model), out, opset=opset, force=force, tolerance=tolerance, console=console)
+
+
 @app.command()
 def recipes(schema: bool = typer.Option(False, "--schema", help="print the recipe JSON Schema")) -> None:
     """List the bundled recipes, or print the JSON Schema editors can validate recipes with."""

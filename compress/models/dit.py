@@ -241,7 +241,7 @@ class DiT(nn.Module):
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C) tokens -> (N, C, H, W) image."""
         p, c = self.patch_size, self.out_channels
-        h = w = int(round(x.shape[1] ** 0.5))
+        h = w = self.config.input_size // p  # static: keeps the exported graph free of shape arithmetic
         x = x.reshape(x.shape[0], h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
