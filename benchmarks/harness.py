@@ -103,7 +103,7 @@ def _finite(x: float | None, nd: int) -> float | None:
 
 def _quality_of(v: Variant, adapter, s, base_images: torch.Tensor | None) -> dict:
     """FD / class accuracy (digits family) and PSNR / SSIM against the baseline's samples."""
-    q = {"fd": None, "class_acc": None, "psnr_db": None, "ssim": None}
+    q = {"fd": None, "class_acc": None, "psnr_db": None, "ssim": None, "fd_to_source": None}
     images = s.images.detach().float().cpu()
     pixels = is_reference_family(adapter)
     if pixels and s.labels is not None and len(images) >= 2:
@@ -122,6 +122,10 @@ def _quality_of(v: Variant, adapter, s, base_images: torch.Tensor | None) -> dic
         q["psnr_db"] = _finite(psnr(a, b, data_range), 3)
         if a.dim() == 4 and min(a.shape[-2:]) >= 3:  # image-shaped latents only
             q["ssim"] = _finite(ssim(a, b, data_range), 5)
+        if pixels and len(a) >= 2:  # distribution-level fidelity: FD between variant and source samples
+            from compress.metrics import evaluator_features, frechet_distance
+
+            q["fd_to_source"] = _finite(frechet_distance(evaluator_features(a), evaluator_features(b)), 5)
     return q
 
 
@@ -170,7 +174,8 @@ def run_bench(baseline: Variant, variants: list[Variant], config: BenchConfig, o
     nfe = {v.name: steps[v.name] * (2 if guided else 1) for v in allv}
     devices = {spd.model_device(v.model) for v in allv}
 
-    quality: dict[str, dict] = {v.name: {"fd": None, "class_acc": None, "psnr_db": None, "ssim": None} for v in allv}
+    quality: dict[str, dict] = {v.name: {"fd": None, "class_acc": None, "psnr_db": None, "ssim": None,
+                                         "fd_to_source": None} for v in allv}
     speed: dict[str, dict] = {v.name: {"ms_per_call": None, "p90_ms_per_call": None, "ms_per_image": None,
                                        "images_per_s": None, "speedup": None, "peak_mem_mb": None} for v in allv}
     grids: dict[str, str] = {}
@@ -242,6 +247,8 @@ def run_bench(baseline: Variant, variants: list[Variant], config: BenchConfig, o
             "size_mb": "MB = 2^20 bytes; the weights file's size on disk when the variant has one, else "
                        "parameters + buffers.",
             "macs_per_call": "analytic MACs (FLOPs / 2, torch FlopCounterMode) of one PyTorch call at batch 1.",
+            "fd_to_source": "FD in the evaluator's feature space between the variant's samples and the "
+                            "baseline's (same seeds): distribution-level fidelity; null for the baseline.",
             "psnr_ssim": f"against {baseline.name}'s samples (same seeds, labels, noise); null for the baseline. "
                          f"Digits-family images are clamped to [-1, 1] (data range 2); other models' latents are "
                          f"compared unclamped with the baseline's peak-to-peak range as data range.",

@@ -27,6 +27,8 @@ from compress.recipe import parse_recipe
 
 MAIN = ["w8a8-int8", "w8a8-int8-nncf", "modelopt-int8-smoothquant", "fp8", "w4a8-svd", "mixed-w4a8-w8a8",
         "int4-weights-g32"]
+# dit-compress vs NNCF vs ModelOpt, and a sensitivity plan vs the uniform plan of the same size
+SIDE_BY_SIDE = ["w8a8-int8", "w8a8-int8-nncf", "modelopt-int8-smoothquant", "w4a8-svd", "mixed-at-w4a8-svd-size"]
 OTHERS = ["w8a8-int8-dynamic", "fp8-per-tensor-dynamic", "w4a8", "int8-weights"]
 
 W8A8 = {"pass": "quantize", "weights": {"dtype": "int8"}, "activations": {"dtype": "int8"}}
@@ -72,6 +74,16 @@ def _variant(name: str, model, ctx, console) -> Variant | None:
             console.print("[yellow]nncf not installed: NNCF row skipped[/]")
             return None
         v = _recipe_variant(name, model, ctx)
+    elif name == "mixed-at-w4a8-svd-size":
+        from compress.sensitivity import measure_sensitivity
+
+        sens = measure_sensitivity(model, ["w4a8", "w4a8-svd", "w8a8-int8"], calibration=ctx.calibration_config)
+        plan = sens.plan(sens.plan_size(sens.uniform("w4a8-svd")))
+        data = sens.recipe(plan, name, "sensitivity plan at the size of uniform w4a8-svd")
+        data["defaults"] = {"calibration": ctx.calibration_config.model_dump()}
+        q = apply_recipe(model, parse_recipe(data), ctx=ctx, show_progress=False)
+        v = Variant(name, q, recipe="sensitivity plan (budget: uniform w4a8-svd size)")
+        v.plan = {f: sum(x == f for x in plan.values()) for f in sens.formats}
     elif name == "mixed-w4a8-w8a8":
         from compress.sensitivity import measure_sensitivity
 
@@ -90,7 +102,8 @@ def _variant(name: str, model, ctx, console) -> Variant | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["main", "others", "ablation", "calibration-size"], default="main")
+    p.add_argument("--part", choices=["main", "side-by-side", "others", "ablation", "calibration-size"],
+                   default="main")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg", type=float, default=REFERENCE_CFG)
@@ -103,8 +116,8 @@ def main() -> None:
     cal = CalibrationConfig(samples=a.calib_samples, steps=a.calib_steps)
     ctx = PassContext(teacher=model, calibration_config=cal, show_progress=False)
     variants: list[Variant] = []
-    if a.part in ("main", "others"):
-        for name in MAIN if a.part == "main" else OTHERS:
+    if a.part in ("main", "side-by-side", "others"):
+        for name in {"main": MAIN, "side-by-side": SIDE_BY_SIDE, "others": OTHERS}[a.part]:
             v = _variant(name, model, ctx, console)
             if v is not None:
                 variants.append(v)
@@ -119,7 +132,8 @@ def main() -> None:
             c = cal.model_copy(update={"samples": n})
             r = load_recipe("w8a8-int8")
             r = r.model_copy(update={"defaults": r.defaults.model_copy(update={"calibration": c})})
-            variants.append(Variant(f"w8a8-int8, {n} calibration images", apply_recipe(model, r, ctx=ctx,
+            own = PassContext(teacher=model, calibration_config=c, show_progress=False)  # its own trajectories
+            variants.append(Variant(f"w8a8-int8, {n} calibration images", apply_recipe(model, r, ctx=own,
                                                                                         show_progress=False),
                                     recipe="w8a8-int8"))
     cfg = BenchConfig(samples=a.samples, steps=a.steps, cfg_scale=a.cfg, speed=False, grid=a.part == "main")

@@ -140,7 +140,9 @@ def apply_recipe(model: nn.Module, recipe, *, console: Console | None = None, sh
     """Apply ``recipe`` (a path, a bundled name, a dict or a parsed Recipe) to a copy of ``model``.
 
     ``model`` itself is left untouched and serves as the frozen teacher. The result carries its
-    provenance (source, recipe, per-pass log, structural edits) for ``compress.save``.
+    provenance (source, recipe, per-pass log, structural edits) for ``compress.save``. A ``ctx`` passed in
+    is shared across calls (its recorded calibration trajectories are reused) and its calibration settings
+    take the place of the recipe's ``defaults.calibration``; a pass's own ``calibration`` still wins.
     """
     if isinstance(recipe, str | Path):
         recipe = load_recipe(recipe)
