@@ -187,6 +187,8 @@ def test_nncf_backend_runs_on_the_same_layers_and_refuses_to_save(tiny_native, t
     pytest.importorskip("nncf", reason="NNCF is an optional extra (pip install 'dit-compress[nncf]')")
     q = apply_recipe(tiny_native, recipe({**W8A8, "backend": "nncf", "smoothing": {}}), show_progress=False)
     assert rel_err(outputs(q), outputs(tiny_native)) < 0.02
+    quantizers = [k for k in q.state_dict() if k.endswith((".scale", ".input_range"))]
+    assert quantizers and all(("attn/" in k or "mlp/" in k) and "scaled_dot" not in k for k in quantizers), quantizers
     with pytest.raises(DitCompressError, match="NNCF"):
         save(q, tmp_path / "a")
     assert not (tmp_path / "a").exists()

@@ -33,11 +33,20 @@ def apply_nncf(model: nn.Module, names: list[str], config, ctx) -> nn.Module:
     calib = ctx.calibration(config.calibration)
     items = list(calib.batches(64))
     dataset = nncf.Dataset(items, lambda it: (it[0], it[1], it[2]["y"]))
-    chosen = set(names)
-    # everything that is not one of the chosen Linear layers stays in floating point, as in the native pass
-    others = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in chosen]
-    patterns = [re.escape(n.replace(".", "/")) + "/.*" for n in others] + [r".*embedder.*", r".*final_layer.*",
-                                                                          r".*norm.*", r".*pos_embed.*"]
+    # NNCF's torch backend names a layer's nodes by its path *inside* the repeated block
+    # ('adaLN_modulation/1/linear/<call index>'), so a selection can only be expressed per relative name.
+    rel: dict[str, set[str]] = {}
+    for b in adapter.blocks():
+        rel[b.path] = {n[len(b.path) + 1:] for n in names if n.startswith(b.path + ".")}
+    kinds = {frozenset(v) for v in rel.values()}
+    if len(kinds) != 1:
+        raise DitCompressError("pass 'quantize', field 'layers': backend 'nncf' needs the same layers chosen in "
+                               "every block (NNCF names nodes by their path inside the block).")
+    keep = next(iter(kinds))
+    others = {n for b in adapter.blocks() for n, m in b.module.named_modules() if isinstance(m, nn.Linear)} - keep
+    patterns = [r"(.*/)?" + re.escape(n).replace(r"\.", "/") + r"/.*" for n in sorted(others)]
+    patterns += [r".*embedder.*", r".*final_layer.*", r".*norm.*", r".*pos_embed.*",
+                 r".*scaled_dot_product_attention.*"]  # dit-compress leaves attention matmuls in fp too
     sq = config.smoothing
     params = nncf.AdvancedSmoothQuantParameters(matmul=-1) if sq is None else None
     advanced = nncf.AdvancedQuantizationParameters(smooth_quant_alphas=params) if params else None
