@@ -57,7 +57,7 @@ def test_report_schema(bench):
     assert names == ["source", "pruned", "copy"]
     for v in report["variants"]:
         assert {"name", "recipe", "steps", "nfe", "quality", "speed", "params", "size_mb", "macs_per_call"} <= set(v)
-        assert set(v["quality"]) == {"fd", "class_acc", "psnr_db", "ssim"}
+        assert set(v["quality"]) == {"fd", "class_acc", "psnr_db", "ssim", "fd_to_source"}
         assert set(v["speed"]) == {"ms_per_call", "p90_ms_per_call", "ms_per_image", "images_per_s", "speedup",
                                    "peak_mem_mb"}
         assert v["steps"] == 4 and v["nfe"] == 8  # CFG doubles the evaluations
@@ -67,6 +67,7 @@ def test_report_schema(bench):
     base, pruned, same = report["variants"]
     assert base["recipe"] is None and pruned["recipe"] == "depth-prune"
     assert base["quality"]["psnr_db"] is None and base["quality"]["ssim"] is None
+    assert base["quality"]["fd_to_source"] is None and pruned["quality"]["fd_to_source"] > 0
     assert base["speed"]["speedup"] == 1.0
 
 
@@ -75,6 +76,7 @@ def test_metrics(bench):
     base, pruned, same = report["variants"]
     assert same["quality"]["psnr_db"] >= 99 and same["quality"]["ssim"] == pytest.approx(1.0, abs=1e-6)
     assert same["quality"]["fd"] == pytest.approx(base["quality"]["fd"])
+    assert abs(same["quality"]["fd_to_source"]) < 1e-6 < pruned["quality"]["fd_to_source"]  # identical samples: 0
     assert pruned["quality"]["psnr_db"] < 99 and pruned["quality"]["ssim"] < 1
     assert pruned["params"] < base["params"] == same["params"]
     assert pruned["size_mb"] < base["size_mb"]
