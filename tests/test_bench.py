@@ -76,7 +76,7 @@ def test_metrics(bench):
     base, pruned, same = report["variants"]
     assert same["quality"]["psnr_db"] >= 99 and same["quality"]["ssim"] == pytest.approx(1.0, abs=1e-6)
     assert same["quality"]["fd"] == pytest.approx(base["quality"]["fd"])
-    assert abs(same["quality"]["fd_to_source"]) < 1e-6 < pruned["quality"]["fd_to_source"]  # identical samples: 0
+    assert abs(same["quality"]["fd_to_source"]) < 1e-3 < pruned["quality"]["fd_to_source"]  # identical samples: 0
     assert pruned["quality"]["psnr_db"] < 99 and pruned["quality"]["ssim"] < 1
     assert pruned["params"] < base["params"] == same["params"]
     assert pruned["size_mb"] < base["size_mb"]
