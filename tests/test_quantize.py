@@ -128,7 +128,7 @@ def test_timestep_group_scales_follow_the_running_step(tiny_native, tmp_path):
     assert torch.equal(outputs(back), outputs(q))
 
 
-@pytest.mark.parametrize("name", ["w8a8-int8", "w8a8-int8-dynamic", "fp8", "fp8-per-tensor-dynamic", "w4a8-svd",
+@pytest.mark.parametrize("name", ["w8a8-int8", "w8a8-int8-dynamic", "fp8", "fp8-per-tensor-dynamic", "w4a8", "w4a8-svd",
                                   "int8-weights", "int4-weights-g32", "int4-weights-g32-asym"])
 @pytest.mark.parametrize("family", ["native", "diffusers-dit", "pixart", "sd3", "flux"])
 def test_bundled_quantization_recipes_apply_to_every_family(name, family, tmp_path):
