@@ -155,7 +155,7 @@ def sensitivity(model: str = typer.Argument(..., help="model to analyse ('refere
         console.print(f"uniform {f}: {sens.plan_size(u) / 1e6:.3f} MB, summed per-layer error "
                       f"{sum(sens.error[n][f] for n in sens.layers):.2e}")
     console.print(desc)
-    console.print(f"wrote {out} (apply it with: dit-compress apply {out} {model} --out DIR)")
+    console.print(f"wrote {out} (apply it with: dit-compress apply {out} --model {model} --out DIR)")
 
 
 export_app = typer.Typer(help="Export a model or artifact to ONNX (validated against PyTorch) or TensorRT.")
