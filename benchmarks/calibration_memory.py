@@ -28,6 +28,7 @@ def _rss_peak_bytes() -> int:
 def main() -> None:
     from compress import apply_recipe, load_model, load_recipe
     from compress.io import atomic_write_text
+    from compress.recipe import state_bytes, with_defaults
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="DiT-XL/2")
@@ -38,11 +39,11 @@ def main() -> None:
     a = p.parse_args()
     t0 = time.perf_counter()
     model = load_model(a.model)
-    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    model_bytes = state_bytes(model)
     after_load = _rss_peak_bytes()
     r = load_recipe(a.recipe)
     cal = r.defaults.calibration.model_copy(update={"samples": a.samples, "steps": a.steps, "batch_size": a.samples})
-    r = r.model_copy(update={"defaults": r.defaults.model_copy(update={"calibration": cal})})
+    r = with_defaults(r, calibration=cal)
     t1 = time.perf_counter()
     apply_recipe(model, r, show_progress=False)
     t2 = time.perf_counter()

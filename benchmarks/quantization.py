@@ -23,7 +23,7 @@ from compress import apply_recipe, load_model, load_recipe
 from compress.io import atomic_write_text
 from compress.models.reference import REFERENCE_CFG
 from compress.passes import CalibrationConfig, PassContext
-from compress.recipe import parse_recipe
+from compress.recipe import parse_recipe, with_defaults
 
 MAIN = ["w8a8-int8", "w8a8-int8-nncf", "modelopt-int8-smoothquant", "fp8", "w4a8-svd", "mixed-w4a8-w8a8",
         "int4-weights-g32"]
@@ -49,11 +49,28 @@ ABLATION = {
 }
 
 
+# sensitivity plans: name -> (candidate formats, uniform format whose size is the budget)
+SENSITIVITY_PLANS = {
+    "mixed-w4a8-w8a8": (["w4a8", "w8a8-int8"], "w8a8-int8"),
+    "mixed-at-w4a8-svd-size": (["w4a8", "w4a8-svd", "w8a8-int8"], "w4a8-svd"),
+}
+
+
 def _recipe_variant(name: str, model, ctx) -> Variant:
-    t0 = time.perf_counter()
-    q = apply_recipe(model, load_recipe(name), ctx=ctx, show_progress=False)
-    v = Variant(name, q, recipe=name)
-    v.apply_seconds = round(time.perf_counter() - t0, 1)
+    return Variant(name, apply_recipe(model, load_recipe(name), ctx=ctx, show_progress=False), recipe=name)
+
+
+def _sensitivity_variant(name: str, model, ctx, formats: list[str], budget_format: str) -> Variant:
+    """A ``dit-compress sensitivity`` plan under the size of ``budget_format`` applied uniformly."""
+    from compress.sensitivity import measure_sensitivity
+
+    sens = measure_sensitivity(model, formats, calibration=ctx.calibration_config)
+    plan = sens.plan(sens.plan_size(sens.uniform(budget_format)))
+    data = sens.recipe(plan, name, f"sensitivity plan at the size of uniform {budget_format}")
+    data["defaults"] = {"calibration": ctx.calibration_config.model_dump()}
+    q = apply_recipe(model, parse_recipe(data), ctx=ctx, show_progress=False)
+    v = Variant(name, q, recipe=f"sensitivity plan (budget: uniform {budget_format} size)")
+    v.plan = {f: sum(x == f for x in plan.values()) for f in sens.formats}
     return v
 
 
@@ -74,26 +91,9 @@ def _variant(name: str, model, ctx, console) -> Variant | None:
             console.print("[yellow]nncf not installed: NNCF row skipped[/]")
             return None
         v = _recipe_variant(name, model, ctx)
-    elif name == "mixed-at-w4a8-svd-size":
-        from compress.sensitivity import measure_sensitivity
-
-        sens = measure_sensitivity(model, ["w4a8", "w4a8-svd", "w8a8-int8"], calibration=ctx.calibration_config)
-        plan = sens.plan(sens.plan_size(sens.uniform("w4a8-svd")))
-        data = sens.recipe(plan, name, "sensitivity plan at the size of uniform w4a8-svd")
-        data["defaults"] = {"calibration": ctx.calibration_config.model_dump()}
-        q = apply_recipe(model, parse_recipe(data), ctx=ctx, show_progress=False)
-        v = Variant(name, q, recipe="sensitivity plan (budget: uniform w4a8-svd size)")
-        v.plan = {f: sum(x == f for x in plan.values()) for f in sens.formats}
-    elif name == "mixed-w4a8-w8a8":
-        from compress.sensitivity import measure_sensitivity
-
-        sens = measure_sensitivity(model, ["w4a8", "w8a8-int8"], calibration=ctx.calibration_config)
-        plan = sens.plan(sens.plan_size(sens.uniform("w8a8-int8")))
-        data = sens.recipe(plan, name, "sensitivity plan at the size of uniform w8a8-int8")
-        data["defaults"] = {"calibration": ctx.calibration_config.model_dump()}
-        q = apply_recipe(model, parse_recipe(data), ctx=ctx, show_progress=False)
-        v = Variant(name, q, recipe="sensitivity plan (budget: uniform w8a8-int8 size)")
-        v.plan = {f: sum(x == f for x in plan.values()) for f in sens.formats}
+    elif name in SENSITIVITY_PLANS:
+        formats, budget = SENSITIVITY_PLANS[name]
+        v = _sensitivity_variant(name, model, ctx, formats, budget)
     else:
         v = _recipe_variant(name, model, ctx)
     v.apply_seconds = round(time.perf_counter() - t0, 1)
@@ -130,8 +130,7 @@ def main() -> None:
     else:  # calibration-size
         for n in (16, 64, 256):
             c = cal.model_copy(update={"samples": n})
-            r = load_recipe("w8a8-int8")
-            r = r.model_copy(update={"defaults": r.defaults.model_copy(update={"calibration": c})})
+            r = with_defaults(load_recipe("w8a8-int8"), calibration=c)
             own = PassContext(teacher=model, calibration_config=c, show_progress=False)  # its own trajectories
             variants.append(Variant(f"w8a8-int8, {n} calibration images", apply_recipe(model, r, ctx=own,
                                                                                         show_progress=False),

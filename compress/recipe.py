@@ -131,8 +131,14 @@ def bundled_recipes() -> dict[str, str]:
     return out
 
 
-def _size_bytes(model: nn.Module) -> int:
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of everything a model's state dict holds (parameters and buffers, packed ones included)."""
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def with_defaults(recipe, **fields):
+    """A copy of a parsed recipe with some ``defaults`` fields replaced (e.g. ``calibration=...``)."""
+    return recipe.model_copy(update={"defaults": recipe.defaults.model_copy(update=fields)})
 
 
 def apply_recipe(model: nn.Module, recipe, *, console: Console | None = None, show_progress: bool = True,
@@ -158,7 +164,7 @@ def apply_recipe(model: nn.Module, recipe, *, console: Console | None = None, sh
     rec["recipe"] = recipe.model_dump(mode="json", by_alias=True)
     for i, cfg in enumerate(recipe.passes):
         spec = PASSES[cfg.pass_]
-        before_p, before_b = sum(p.numel() for p in student.parameters()), _size_bytes(student)
+        before_p, before_b = sum(p.numel() for p in student.parameters()), state_bytes(student)
         ctx.notes = []
         t0 = time.perf_counter()
         student = spec.apply(student, cfg, ctx)
@@ -168,7 +174,7 @@ def apply_recipe(model: nn.Module, recipe, *, console: Console | None = None, sh
         rec["passes"].append({
             "pass": cfg.pass_, "config": cfg.model_dump(mode="json", by_alias=True),
             "params_before": before_p, "params_after": sum(p.numel() for p in student.parameters()),
-            "bytes_before": before_b, "bytes_after": _size_bytes(student),
+            "bytes_before": before_b, "bytes_after": state_bytes(student),
             "seconds": round(time.perf_counter() - t0, 3), "notes": list(ctx.notes),
         })
     return student.requires_grad_(False)

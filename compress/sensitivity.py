@@ -21,13 +21,9 @@ from compress.errors import DitCompressError
 from compress.models.adapters import get_adapter
 from compress.nn.quant import track_timesteps
 from compress.passes import CalibrationConfig, PassContext
-from compress.recipe import apply_recipe, load_recipe
+from compress.recipe import apply_recipe, load_recipe, state_bytes
 
 FULL = "fp32"
-
-
-def _bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
 @dataclass
@@ -91,8 +87,6 @@ def measure_sensitivity(model: nn.Module, formats: list[str], *, calibration: Ca
         cfg = {"pass": "quantize", **r.passes[0].model_dump(by_alias=True, exclude={"layers", "pass_"},
                                                              exclude_defaults=True)}
         pass_configs[f] = cfg
-        r = r.model_copy(update={"defaults": r.defaults.model_copy(update={"calibration": ctx.calibration_config,
-                                                                          "seed": seed})})
         quantized[f] = apply_recipe(model, r, ctx=ctx, show_progress=console is not None, console=console)
     # the layers every format touched
     layers = [n for n, m in quantized[formats[0]].named_modules()
@@ -112,7 +106,7 @@ def measure_sensitivity(model: nn.Module, formats: list[str], *, calibration: Ca
     ref = adapter.forward(x, t, cond)
     denom = ref.pow(2).mean().clamp_min(1e-20)
     error = {n: {FULL: 0.0} for n in layers}
-    size = {n: {FULL: _bytes(model.get_submodule(n))} for n in layers}
+    size = {n: {FULL: state_bytes(model.get_submodule(n))} for n in layers}
     with ctx.progress("measuring per-layer sensitivity", len(layers) * len(formats)) as advance:
         for n in layers:
             orig = work.get_submodule(n)
@@ -121,10 +115,10 @@ def measure_sensitivity(model: nn.Module, formats: list[str], *, calibration: Ca
                 qmod = quantized[f].get_submodule(n)
                 setattr(work.get_submodule(parent), attr, qmod)
                 error[n][f] = float((adapter.forward(x, t, cond) - ref).pow(2).mean() / denom)
-                size[n][f] = _bytes(qmod)
+                size[n][f] = state_bytes(qmod)
                 advance()
             setattr(work.get_submodule(parent), attr, orig)
-    fixed = _bytes(model) - sum(size[n][FULL] for n in layers)
+    fixed = state_bytes(model) - sum(size[n][FULL] for n in layers)
     return Sensitivity(layers, [FULL, *formats], error, size, fixed, pass_configs)
 
 

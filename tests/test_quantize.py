@@ -8,7 +8,7 @@ from compress.errors import DitCompressError
 from compress.models.adapters import get_adapter
 from compress.nn.quant import FP8_MAX, QuantLinear
 from compress.passes import PassContext
-from compress.recipe import bundled_recipes, load_recipe, parse_recipe
+from compress.recipe import load_recipe, parse_recipe, with_defaults
 from tests.tiny_models import tiny_diffusers_model
 
 FAST_CALIB = {"samples": 4, "steps": 4, "batch_size": 4}
@@ -136,8 +136,7 @@ def test_bundled_quantization_recipes_apply_to_every_family(name, family, tmp_pa
 
     model = load_model("reference") if family == "native" else tiny_diffusers_model(family)
     r = load_recipe(name)
-    r = r.model_copy(update={"defaults": r.defaults.model_copy(update={"calibration": r.defaults.calibration.model_copy(
-        update=FAST_CALIB)})})
+    r = with_defaults(r, calibration=r.defaults.calibration.model_copy(update=FAST_CALIB))
     q = apply_recipe(model, r, show_progress=False)
     err = rel_err(outputs(q), outputs(model))
     bound = {"int8-weights": 1e-3, "w8a8-int8": 0.02, "w8a8-int8-dynamic": 0.02, "fp8": 0.05,
