@@ -44,10 +44,7 @@ def collect_input_stats(model: nn.Module, names: list[str], calib: CalibrationSe
     adapter = get_adapter(model)
     step_ids = sorted(set(calib.step.tolist()))
     pos = {s: i for i, s in enumerate(step_ids)}
-    batches = []
-    for s in step_ids:
-        idx = (calib.step == s).nonzero().flatten()
-        batches += [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    batches = step_batches(calib, batch_size)
     step_t = torch.stack([calib.t[(calib.step == s).nonzero()[0, 0]].float() for s in step_ids])
     gen = torch.Generator().manual_seed(seed)
     layers = {n: model.get_submodule(n) for n in names}
@@ -88,8 +85,13 @@ def collect_input_stats(model: nn.Module, names: list[str], calib: CalibrationSe
     return InputStats(step_ids, step_t, out)
 
 
-def num_stat_batches(calib: CalibrationSet, batch_size: int) -> int:
-    return sum(-(-int((calib.step == s).sum()) // batch_size) for s in set(calib.step.tolist()))
+def step_batches(calib: CalibrationSet, batch_size: int) -> list[torch.Tensor]:
+    """Row indices of ``calib`` in batches of at most ``batch_size`` rows, each from a single sampling step."""
+    batches = []
+    for s in sorted(set(calib.step.tolist())):
+        idx = (calib.step == s).nonzero().flatten()
+        batches += [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    return batches
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -25,7 +25,7 @@ from compress.errors import DitCompressError
 from compress.models.adapters import get_adapter
 from compress.nn.quant import ACT_FORMATS, QuantLinear, WeightOnlyLinear, track_timesteps
 from compress.passes.base import LayerSelection, PassConfig, register_pass, select_block_linears
-from compress.passes.calib_stats import activation_salience, collect_input_stats, num_stat_batches
+from compress.passes.calib_stats import activation_salience, collect_input_stats, step_batches
 from compress.passes.context import CalibrationConfig
 
 
@@ -205,25 +205,39 @@ def _step_groups(step_t: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, tor
     return group, edges
 
 
-def _layer_candidate(lin, st, smooth, clip, step_group, edges, n_groups, fmt, bias_correction):
-    """Quantized layer for one (smoothing, clipping) choice and its relative output error on sampled rows."""
-    act_scale = None
-    if fmt["act_format"] is not None and fmt["act_mode"] == "static":
+def _fit_layer(lin, st, smooth, clips, step_group, edges, n_groups, fmt, bias_correction):
+    """Quantize ``lin`` once for this smoothing and keep the clipping ratio (from ``clips``, first wins ties)
+    with the lowest relative output error on the sampled rows. Returns (layer, error, clip)."""
+    static = fmt["act_format"] is not None and fmt["act_mode"] == "static"
+    amax = qmax = None
+    if static:
         per_step = (st.absmax / (smooth if smooth is not None else 1.0)).amax(1)  # (steps,)
         qmax = ACT_FORMATS[fmt["act_format"]][1]
-        act_scale = torch.stack([per_step[step_group == g].max() for g in range(n_groups)]) * clip / qmax
-    q = QuantLinear.from_linear(lin, smooth=smooth, act_scale=act_scale, act_edges=edges, **fmt)
+        amax = torch.stack([per_step[step_group == g].max() for g in range(n_groups)])
+    q = QuantLinear.from_linear(lin, smooth=smooth, act_scale=None if amax is None else amax * clips[0] / qmax,
+                                act_edges=edges, **fmt)
     x = st.rows.to(lin.weight.device)
+    best = None
     with torch.no_grad():
         ref = lin(x)
-        row_scale = None if act_scale is None else q.act_scale[step_group[st.row_step]][:, None]
-        y = q(x, act_scale=row_scale)
-        if bias_correction and q.bias is not None:  # remove the mean output shift quantization introduces
-            shift = (ref - y).mean(0)
-            q.bias.add_(shift)
-            y = y + shift
-        err = (y - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12)
-    return q, float(err)
+        for clip in clips:
+            if static:
+                q.act_scale.copy_((amax * clip / qmax).clamp_min(1e-8))
+            row_scale = None if not static else q.act_scale[step_group[st.row_step]][:, None]
+            y = q(x, act_scale=row_scale)
+            shift = None
+            if bias_correction and q.bias is not None:  # remove the mean output shift quantization introduces
+                shift = (ref - y).mean(0)
+                y = y + shift
+            err = float((y - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12))
+            if best is None or err < best[0]:
+                best = (err, clip, shift)
+        err, clip, shift = best
+        if static:
+            q.act_scale.copy_((amax * clip / qmax).clamp_min(1e-8))
+        if shift is not None:
+            q.bias.copy_(lin.bias.detach() + shift)
+    return q, err, clip
 
 
 def _calibrated(model, names, config, ctx):
@@ -233,10 +247,11 @@ def _calibrated(model, names, config, ctx):
     stats = None
     if config.needs_calibration:
         calib = ctx.calibration(config.calibration)
+        batch = 64
         with ctx.progress(f"collecting input statistics of {len(names)} layers",
-                          num_stat_batches(calib, 64)) as advance:
-            stats = collect_input_stats(model, names, calib, max_rows=config.max_rows, seed=ctx.seed,
-                                        progress=advance)
+                          len(step_batches(calib, batch))) as advance:
+            stats = collect_input_stats(model, names, calib, max_rows=config.max_rows, batch_size=batch,
+                                        seed=ctx.seed, progress=advance)
     n_groups = a.timestep_groups if a is not None and a.mode == "static" else 1
     if stats is not None:
         step_group, edges = _step_groups(stats.step_t, n_groups)
@@ -262,15 +277,11 @@ def _calibrated(model, names, config, ctx):
                 return s.clamp(1e-4, 1e4)
 
             grid = ([None] if sm is None else sm.grid if sm.alpha == "search" else [sm.alpha])
-            best = min(((alpha, *_layer_candidate(lin, st, smooth_for(alpha), 1.0, step_group, edges, n_groups, fmt, bc))
-                        for alpha in grid), key=lambda r: r[2])
-            alpha, q, err = best
-            clip = 1.0
+            fit = lambda alpha, clips: _fit_layer(lin, st, smooth_for(alpha), clips, step_group, edges,  # noqa: E731
+                                                  n_groups, fmt, bc)
+            alpha, q, err, clip = min(((alpha, *fit(alpha, [1.0])) for alpha in grid), key=lambda r: r[2])
             if a is not None and a.mode == "static" and a.clip_search:
-                for c in (0.9, 0.8, 0.7, 0.6, 0.5):
-                    q2, e2 = _layer_candidate(lin, st, smooth_for(alpha), c, step_group, edges, n_groups, fmt, bc)
-                    if e2 < err:
-                        q, err, clip = q2, e2, c
+                q, err, clip = fit(alpha, [1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
             adapter.replace(name, q)
             alphas.append(alpha)
             clips.append(clip)
