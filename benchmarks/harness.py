@@ -381,10 +381,44 @@ def _resolve_source(source: str, suite_dir: Path) -> str | Path:
     return p
 
 
+def _exported_variant(d: Path, spec: VariantSpec, field: str, suite: Path) -> Variant:
+    """An ONNX export (run by ONNX Runtime) or a TensorRT engine dir as a variant.
+
+    Its PyTorch source model (recorded at export) supplies what the sampler needs besides the runner
+    (conditions, latent shape, scheduler kind); every transformer call goes to the runner.
+    """
+    from compress.models.loading import load_model
+
+    onnx_meta, trt_meta = d / "export.json", d / "engine.json"
+    meta = json.loads((onnx_meta if onnx_meta.is_file() else trt_meta).read_text())
+    source = meta.get("source")
+    if not source:
+        raise DitCompressError(f"{suite}: {field}: {d} does not record its source model; export it again with "
+                               f"'dit-compress export onnx' to benchmark it.")
+    try:
+        model = load_model(source)
+    except DitCompressError as e:
+        raise DitCompressError(f"{suite}: {field}: the source of {d} ({source}) does not load: {e}") from None
+    if onnx_meta.is_file():
+        from exporters.runtime import OnnxRunner
+
+        runner, kind = OnnxRunner(d), "ONNX Runtime"
+    else:
+        from exporters.tensorrt import TensorRTRunner
+
+        runner, kind = TensorRTRunner(d), "TensorRT"
+    size = sum(f.stat().st_size for f in d.iterdir() if f.name.startswith(("model.onnx", "model.engine")))
+    recipe = spec.recipe or f"{kind} export of {Path(source).name}"
+    return Variant(name=spec.name or d.name, model=model, recipe=recipe, steps=spec.steps, size_bytes=size,
+                   denoiser=runner)
+
+
 def _load_variant(spec: VariantSpec, field: str, suite: Path) -> Variant:
     from compress.models.loading import load_model
 
     src = _resolve_source(spec.path, suite.parent)
+    if isinstance(src, Path) and src.is_dir() and ((src / "export.json").is_file() or (src / "engine.json").is_file()):
+        return _exported_variant(src, spec, field, suite)
     try:
         model = load_model(src)
     except DitCompressError as e:

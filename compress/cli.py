@@ -85,16 +85,24 @@ def sample(model: str = typer.Argument(..., help="model to sample"),
 def apply(recipe: str = typer.Argument(..., help="recipe YAML (or the name of a bundled recipe)"),
           model: str = typer.Option("reference", "--model", help="source model (default: the bundled reference)"),
           out: Path = typer.Option(..., "--out", help="artifact directory to write"),
-          force: bool = typer.Option(False, "--force", help="replace an existing artifact")) -> None:
+          force: bool = typer.Option(False, "--force", help="replace an existing artifact"),
+          workdir: Path = typer.Option(None, "--workdir", help="where training passes write checkpoints "
+                                                                 "(default: OUT.work; removed after success)"),
+          resume: bool = typer.Option(False, "--resume", help="continue training passes from their checkpoints "
+                                                              "in the workdir (after a crash or a kill)")) -> None:
     """Apply a recipe to a model and save the artifact (written atomically)."""
+    import shutil
+
     import compress
 
     r = compress.load_recipe(recipe)
     if out.exists() and not force:
         raise DitCompressError(f"{out}: already exists; pass --force to replace it.")
     src = compress.load_model(model)
-    result = compress.apply_recipe(src, r, console=console)
+    work = workdir or out.with_name(out.name + ".work")
+    result = compress.apply_recipe(src, r, console=console, workdir=work, resume=resume)
     compress.save(result, out, force=force)
+    shutil.rmtree(work, ignore_errors=True)
     from compress.models.provenance import provenance
 
     table = Table(title=f"{r.name} on {model}")
@@ -165,17 +173,62 @@ app.add_typer(export_app, name="export")
 @export_app.command("onnx")
 def export_onnx_cmd(model: str = typer.Argument(..., help="artifact dir or any model source"),
                     out: Path = typer.Option(..., help="output directory (model.onnx, model.onnx.data, export.json)"),
-                    opset: int = typer.Option(18, help="ONNX opset (>= 18)"),
+                    opset: int = typer.Option(20, help="ONNX opset (>= 18; 20 has a fused Gelu op)"),
                     tolerance: float = typer.Option(None, help="max relative error vs PyTorch (default: 1e-4 "
                                                                "fp32, 2e-2 fake-quant)"),
-                    force: bool = typer.Option(False, help="replace an existing output directory")) -> None:
+                    force: bool = typer.Option(False, help="replace an existing output directory"),
+                    qdq_activations: str = typer.Option("uint8", help="INT8 activations in QDQ: 'uint8' (ONNX "
+                                                                      "Runtime on x86) or 'int8' (TensorRT)")
+                    ) -> None:
     """Export to ONNX and validate with ONNX Runtime; a failed validation leaves nothing behind."""
     from compress import load_model
     from exporters.onnx import export_onnx
 
     if opset < 18:
         raise DitCompressError(f"--opset {opset}: the exporter needs opset 18 or newer.")
-    export_onnx(load_model(model), out, opset=opset, force=force, tolerance=tolerance, console=console)
+    export_onnx(load_model(model), out, opset=opset, force=force, tolerance=tolerance, console=console,
+                qdq_activations=qdq_activations, source=_source_id(model))
+
+
+@export_app.command("tensorrt")
+def export_tensorrt_cmd(source: str = typer.Argument(..., help="an ONNX export dir (from 'export onnx') or any model "
+                                                                "source, exported to ONNX first"),
+                        out: Path = typer.Option(..., help="engine directory (model.engine, engine.json)"),
+                        precision: str = typer.Option("fp16", help="fp32 | fp16 | bf16 | int8 | fp8 (int8/fp8 "
+                                                                   "need QDQ from a quantized artifact)"),
+                        batch: str = typer.Option("1,4,16", help="optimisation profile: min,opt,max batch"),
+                        strongly_typed: bool = typer.Option(False, help="take every type from the graph "
+                                                                        "(TensorRT >= 10)"),
+                        workspace_gb: float = typer.Option(8.0, help="builder workspace limit"),
+                        timing_cache: Path = typer.Option(None, help="timing cache file (read and updated)"),
+                        force: bool = typer.Option(False, help="rebuild over a different existing engine")) -> None:
+    """Build a TensorRT engine with the TensorRT Python API (needs the [tensorrt] extra and a GPU)."""
+    import tempfile
+
+    from exporters.tensorrt import _require_tensorrt, build_engine
+
+    _require_tensorrt()  # fail before any export work when TensorRT is absent
+    try:
+        b = tuple(int(v) for v in batch.split(","))
+        assert len(b) == 3
+    except (ValueError, AssertionError):
+        raise DitCompressError(f"--batch {batch!r}: expected three integers min,opt,max (e.g. 1,4,16).") from None
+    src = Path(source)
+    if not (src / "export.json").is_file():
+        from compress import load_model
+        from exporters.onnx import export_onnx
+
+        src = export_onnx(load_model(source), Path(tempfile.mkdtemp()) / "onnx", qdq_activations="int8",
+                          source=_source_id(source), console=console)
+    d = build_engine(src, out, precision=precision, batch=b, strongly_typed=strongly_typed,
+                     workspace_gb=workspace_gb, timing_cache=timing_cache, force=force)
+    console.print(f"wrote {d / 'model.engine'}")
+
+
+def _source_id(model: str) -> str:
+    """A model source that stays loadable from elsewhere: names as they are, paths made absolute."""
+    p = Path(model)
+    return str(p.resolve()) if p.exists() else model
 
 
 @app.command()

@@ -13,6 +13,7 @@ Every error names the file, the pass (by position and name), the field and what 
 from __future__ import annotations
 
 import copy
+import re
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -85,6 +86,11 @@ def _describe(err: dict, data: dict) -> str:
         return f"{where}: missing 'pass:' key naming the pass (one of {', '.join(sorted(PASSES))})"
     if typ == "extra_forbidden":
         return f"{where + ', ' if where else ''}field '{field}': unknown field (not part of this {'pass' if where else 'recipe'})"
+    if typ == "value_error" and not field:  # a config validator: its message starts with the field it is about
+        m = re.match(r"Value error, ([\w.]+): (.*)", msg, re.S)
+        if m:
+            field, msg = m.group(1), m.group(2)
+            return f"{where + ', ' if where else ''}field '{field}': {msg}"
     got = err.get("input")
     got_s = f" (got {got!r})" if not isinstance(got, dict | list) and got is not None else ""
     return f"{where + ', ' if where else ''}field '{field or '<root>'}': {msg}{got_s}"
@@ -142,13 +148,14 @@ def with_defaults(recipe, **fields):
 
 
 def apply_recipe(model: nn.Module, recipe, *, console: Console | None = None, show_progress: bool = True,
-                 ctx: PassContext | None = None) -> nn.Module:
+                 ctx: PassContext | None = None, workdir: str | Path | None = None, resume: bool = False) -> nn.Module:
     """Apply ``recipe`` (a path, a bundled name, a dict or a parsed Recipe) to a copy of ``model``.
 
     ``model`` itself is left untouched and serves as the frozen teacher. The result carries its
     provenance (source, recipe, per-pass log, structural edits) for ``compress.save``. A ``ctx`` passed in
     is shared across calls (its recorded calibration trajectories are reused) and its calibration settings
     take the place of the recipe's ``defaults.calibration``; a pass's own ``calibration`` still wins.
+    Training passes checkpoint under ``workdir`` and, with ``resume``, continue from those checkpoints.
     """
     if isinstance(recipe, str | Path):
         recipe = load_recipe(recipe)
@@ -160,12 +167,14 @@ def apply_recipe(model: nn.Module, recipe, *, console: Console | None = None, sh
     student = copy.deepcopy(teacher).to(d.device)
     ctx = ctx or PassContext(teacher=teacher.to(d.device), calibration_config=d.calibration, device=d.device,
                              seed=d.seed, console=console, show_progress=show_progress)
+    if workdir is not None:
+        ctx.workdir, ctx.resume = Path(workdir), resume
     rec = provenance(student)
     rec["recipe"] = recipe.model_dump(mode="json", by_alias=True)
     for i, cfg in enumerate(recipe.passes):
         spec = PASSES[cfg.pass_]
         before_p, before_b = sum(p.numel() for p in student.parameters()), state_bytes(student)
-        ctx.notes = []
+        ctx.notes, ctx.pass_index = [], i
         t0 = time.perf_counter()
         student = spec.apply(student, cfg, ctx)
         student.eval()

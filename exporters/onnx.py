@@ -92,6 +92,38 @@ def _is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (QuantLinear, WeightOnlyLinear)) for m in model.modules())
 
 
+def _prepare_qdq(model: nn.Module, act_dtype: str = "uint8") -> list[nn.Module]:
+    """Freeze each exportable quantized layer's activation scale for QDQ export; returns those layers.
+
+    Layers whose static scale depends on the timestep group cannot be expressed as one QuantizeLinear, so
+    they are refused with a clear error instead of being exported with a silently different scale.
+    """
+    from compress.nn.quant import QuantLinear
+
+    layers = []
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantLinear):
+            continue
+        if m.act_groups > 1:
+            raise DitCompressError(
+                f"{name}: its activation scale is chosen per timestep group ({m.act_groups} groups), which an ONNX "
+                f"graph cannot select; re-quantize with 'activations: {{timestep_groups: 1}}' to export.")
+        if m.qdq_exportable():
+            m._export_scale, m._export_act_dtype = float(m.act_scale[0]), act_dtype
+            layers.append(m)
+    return layers
+
+
+def _qdq_translations() -> dict:
+    import torch.ao.quantization.fx._decomposed  # noqa: F401
+    from onnxscript.function_libs.torch_lib.ops import quantized_decomposed as qd
+
+    ops = torch.ops.quantized_decomposed
+    return {ops.quantize_per_tensor.default: qd.quantized_decomposed_quantize_per_tensor,
+            ops.dequantize_per_tensor.default: qd.quantized_decomposed_dequantize_per_tensor,
+            ops.dequantize_per_channel.default: qd.quantized_decomposed_dequantize_per_channel}
+
+
 def validate_onnx(onnx_path: Path, model: nn.Module, *, timesteps=(50.0, 500.0, 950.0), batch: int = 2,
                   seed: int = 0, tolerance: float | None = None) -> dict:
     """ONNX Runtime vs PyTorch on seeded inputs; returns the report (``passed`` is the gate)."""
@@ -121,9 +153,18 @@ def validate_onnx(onnx_path: Path, model: nn.Module, *, timesteps=(50.0, 500.0, 
             "fake-quant" if quantized else "fp32", "cases": cases, "provider": sess.get_providers()[0]}
 
 
-def export_onnx(model: nn.Module, out_dir: str | Path, *, opset: int = 18, force: bool = False,
-                tolerance: float | None = None, console=None) -> Path:
-    """Export ``model``'s denoiser to ``out_dir/model.onnx`` and validate it; atomic, fails loudly."""
+def export_onnx(model: nn.Module, out_dir: str | Path, *, opset: int = 20, force: bool = False,
+                tolerance: float | None = None, console=None, qdq_activations: str = "uint8",
+                source: str | None = None) -> Path:
+    """Export ``model``'s denoiser to ``out_dir/model.onnx`` and validate it; atomic, fails loudly.
+
+    INT8 W8A8 layers go out as QDQ with ``qdq_activations`` "uint8" (zero point 128: ONNX Runtime on x86)
+    or "int8" (zero point 0: TensorRT). ``source`` (a model name or artifact path) is recorded so the
+    benchmark can rebuild the PyTorch side (conditions, scheduler) of an exported variant.
+    """
+    if qdq_activations not in ("uint8", "int8"):
+        raise DitCompressError(f"qdq_activations must be 'uint8' (ONNX Runtime CPU) or 'int8' (TensorRT), "
+                               f"not {qdq_activations!r}.")
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
@@ -146,16 +187,22 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, opset: int = 18, force
     tmp.mkdir()
     t0 = time.perf_counter()
     log = []
+    qdq = []
     try:
+        qdq = _prepare_qdq(model, qdq_activations)
         path = tmp / "model.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
                 prog = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, input_names=names,
                                          output_names=["prediction"], dynamic_shapes=dyn, external_data=True,
-                                         optimize=True, verbose=False)
+                                         optimize=True, verbose=False,
+                                         custom_translation_table=_qdq_translations() if qdq else None)
                 prog.save(str(path), external_data=True)
                 log.append(f"torch.onnx dynamo exporter, opset {opset}, graph optimised")
+                if qdq:
+                    log.append(f"{len(qdq)} INT8 layers as QuantizeLinear/DequantizeLinear ({qdq_activations} activations, "
+                               f"int8 per-channel weights); other quantized layers as fake-quant float ops")
                 if n_fixed := fix_noop_squeeze(path):
                     log.append(f"rewrote {n_fixed} no-op Squeeze node(s) to Identity")
             except Exception as e:  # noqa: BLE001 - fall back, and say so
@@ -175,7 +222,8 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, opset: int = 18, force
         meta = {"inputs": names, "output": "prediction", "dynamic": {"batch": True, "resolution": False,
                                                                      "resolution_reason": "position embeddings are "
                                                                      "fixed-size tables in every supported family"},
-                "opset": opset, "log": log, "validation": report, "seconds": round(time.perf_counter() - t0, 1),
+                "opset": opset, "log": log, "qdq_layers": len(qdq),
+                "qdq_activations": qdq_activations if qdq else None, "source": source, "validation": report, "seconds": round(time.perf_counter() - t0, 1),
                 "torch": torch.__version__}
         (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists():
@@ -184,6 +232,9 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, opset: int = 18, force
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        for m in qdq:
+            del m._export_scale, m._export_act_dtype
     if console is not None:
         console.print(f"exported {out / 'model.onnx'}: max rel err {report['max_rel_err']:.2e} "
                       f"(tolerance {report['tolerance_rel']:.0e}) over {len(report['cases'])} cases; {log[0]}")

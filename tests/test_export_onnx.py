@@ -41,12 +41,65 @@ def test_diffusers_families_export(family, tmp_path):
     assert meta["validation"]["passed"], meta["validation"]
 
 
-def test_quantized_model_exports_within_fake_quant_tolerance(tiny_native, tmp_path):
+def _w8a8(model, **extra):
     r = parse_recipe({"name": "q", "description": "q", "defaults": {"calibration": {"samples": 4, "steps": 4}},
-                      "passes": [{"pass": "quantize", "activations": {}, "smoothing": {}}]})
-    q = apply_recipe(tiny_native, r, show_progress=False)
-    meta = json.loads((export_onnx(q, tmp_path / "q") / "export.json").read_text())
+                      "passes": [{"pass": "quantize", "weights": {"dtype": "int8", "reduce_range": True},
+                                  "activations": extra, "smoothing": {}}]})
+    return apply_recipe(model, r, show_progress=False)
+
+
+@pytest.mark.parametrize("acts", ["uint8", "int8"])
+def test_w8a8_exports_as_qdq_with_integer_weights(tiny_native, tmp_path, acts):
+    import onnx
+
+    q = _w8a8(tiny_native)
+    d = export_onnx(q, tmp_path / "q", qdq_activations=acts)
+    meta = json.loads((d / "export.json").read_text())
     assert meta["validation"]["precision"] == "fake-quant" and meta["validation"]["passed"]
+    assert meta["qdq_layers"] == 16 and meta["qdq_activations"] == acts  # 4 blocks x qkv, proj, fc1, fc2
+    g = onnx.load(str(d / "model.onnx")).graph
+    ops = [n.op_type for n in g.node]
+    assert ops.count("QuantizeLinear") == 16 and ops.count("DequantizeLinear") >= 32
+    int8_weights = [i for i in g.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    assert len(int8_weights) == 16  # the weights stay int8 in the file: DequantizeLinear at run time
+    zps = {i.data_type for i in g.initializer if i.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
+           and len(i.dims) == 0}
+    zps |= {a.t.data_type for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
+            and a.t.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8) and len(a.t.dims) == 0}
+    assert (onnx.TensorProto.UINT8 if acts == "uint8" else onnx.TensorProto.INT8) in zps
+
+
+def test_qdq_export_samples_like_fake_quant_model(tmp_path):
+    q = _w8a8(load_model("reference"))
+    runner = OnnxRunner(export_onnx(q, tmp_path / "q"))
+    ad = get_adapter(q)
+    y = torch.arange(10)
+    noise = make_noise(10, ad.latent_shape, 0)
+    a = sample(ad, {"y": y}, noise, steps=10, cfg_scale=1.5).samples
+    b = sample(ad, {"y": y}, noise, steps=10, cfg_scale=1.5, denoiser=runner).samples
+    assert psnr(b.clamp(-1, 1), a.clamp(-1, 1), 2.0) > 35
+
+
+def test_timestep_group_scales_refuse_to_export(tiny_native, tmp_path):
+    q = _w8a8(tiny_native, timestep_groups=2)
+    with pytest.raises(DitCompressError, match=r"activation scale is chosen per timestep group.*timestep_groups: 1"):
+        export_onnx(q, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
+def test_bench_accepts_an_onnx_export_as_variant(tmp_path):
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+
+    r = CliRunner().invoke(app, ["export", "onnx", "reference", "--out", str(tmp_path / "onnx")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["bench", str(tmp_path / "onnx"), "--out", str(tmp_path / "b"), "--samples", "10",
+                                 "--steps", "5", "--repeats", "2"])
+    assert r.exit_code == 0, r.output
+    v = json.loads((tmp_path / "b" / "report.json").read_text())["variants"][1]
+    assert v["recipe"] == "ONNX Runtime export of reference" and v["quality"]["psnr_db"] > 40
+    assert v["speed"]["ms_per_call"] > 0
 
 
 def test_mismatching_export_fails_with_report_and_leaves_nothing(tmp_path):

@@ -175,7 +175,8 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, weight_format: str = "int8",
                  group_size: int | None = None, weight_per_channel: bool = True, act_format: str | None = "int8",
-                 act_mode: str = "static", act_groups: int = 1, smooth: bool = False, rank: int = 0):
+                 act_mode: str = "static", act_groups: int = 1, smooth: bool = False, rank: int = 0,
+                 reduce_range: bool = False):
         super().__init__()
         if weight_format not in ("int8", "int4", "fp8"):
             raise ValueError(f"weight_format must be int8, int4 or fp8, not {weight_format!r}")
@@ -184,7 +185,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight_format, self.group_size, self.weight_per_channel = weight_format, group_size, weight_per_channel
         self.act_format, self.act_mode, self.act_groups = act_format, act_mode, act_groups
-        self.rank = rank
+        self.rank, self.reduce_range = rank, reduce_range  # reduce_range: int8 weights limited to 7 bits
         g = group_size or in_features
         if in_features % g:
             raise ValueError(f"in_features {in_features} is not divisible by group size {g}")
@@ -237,7 +238,7 @@ class QuantLinear(nn.Module):
             self.qweight.copy_((w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
             self.weight_scale.copy_(scale)
             return
-        bits = 8 if self.weight_format == "int8" else 4
+        bits = (7 if self.reduce_range else 8) if self.weight_format == "int8" else 4
         q, scale, _ = quantize_weight(w, bits, self.group_size, True)
         self.qweight.copy_(pack_int4(q) if bits == 4 else q)
         self.weight_scale.copy_(scale)
@@ -275,13 +276,40 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, act_scale: torch.Tensor | None = None) -> torch.Tensor:
         xs = x / self.smooth if self.smooth is not None else x
-        if x.is_cuda and act_scale is None and self._kernel_ok(x):
+        if getattr(self, "_export_scale", None) is not None and torch.compiler.is_exporting():
+            y = self._qdq_matmul(xs)
+        elif x.is_cuda and act_scale is None and self._kernel_ok(x):
             y = self._cuda_matmul(xs)
         else:
             y = F.linear(self.quantize_input(xs, act_scale), self.dequantized_weight().to(x.dtype))
         if self.rank:
             y = y + F.linear(F.linear(xs, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    # -- export: explicit quantize / dequantize (QDQ) ------------------------------------------------------
+    def qdq_exportable(self) -> bool:
+        """Static per-tensor int8 inputs and per-channel int8 weights: the form ONNX QDQ kernels run."""
+        return (self.act_format == "int8" and self.act_mode == "static" and self.act_groups == 1
+                and self.weight_format == "int8" and self.group_size is None)
+
+    def _qdq_matmul(self, xs: torch.Tensor) -> torch.Tensor:
+        """Quantize / dequantize ops that lower to ONNX QuantizeLinear / DequantizeLinear around the matmul.
+
+        Inputs are clamped to +-127 steps, then go out as uint8 with zero point 128 (the U8S8 form ONNX
+        Runtime's x86 integer kernels prefer) or as int8 with zero point 0 (what TensorRT requires): both
+        exactly the symmetric int8 grid of the fake-quant path. ``_export_scale`` (a Python float) and
+        ``_export_act_dtype`` are set by the exporter.
+        """
+        import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+
+        qd = torch.ops.quantized_decomposed
+        s = self._export_scale
+        zp, lo, hi, dt = (128, 0, 255, torch.uint8) if self._export_act_dtype == "uint8" else (0, -128, 127, torch.int8)
+        xq = qd.quantize_per_tensor.default(xs.clamp(-INT8_MAX * s, INT8_MAX * s), s, zp, lo, hi, dt)
+        xd = qd.dequantize_per_tensor.default(xq, s, zp, lo, hi, dt)
+        zeros = torch.zeros(self.out_features, dtype=torch.int64, device=xs.device)
+        w = qd.dequantize_per_channel.default(self.qweight, self.weight_scale[:, 0], zeros, 0, -128, 127, torch.int8)
+        return F.linear(xd, w.to(xs.dtype))
 
     # -- real low-precision matmuls on GPU --------------------------------------------------------------
     def _kernel_ok(self, x: torch.Tensor) -> bool:
@@ -319,6 +347,7 @@ replayable(
     lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
                "weight_format": m.weight_format, "group_size": m.group_size,
                "weight_per_channel": m.weight_per_channel, "act_format": m.act_format, "act_mode": m.act_mode,
-               "act_groups": m.act_groups, "smooth": m.smooth is not None, "rank": m.rank},
+               "act_groups": m.act_groups, "smooth": m.smooth is not None, "rank": m.rank,
+               "reduce_range": m.reduce_range},
     lambda s: QuantLinear(**s),
 )(QuantLinear)

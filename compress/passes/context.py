@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,6 +40,9 @@ class CalibrationSet:
     t: torch.Tensor
     cond: Cond
     step: torch.Tensor
+    # The trajectories' end points: the teacher's samples and their (conditional) conditions, one per image.
+    final: torch.Tensor | None = None
+    final_cond: Cond | None = None
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -70,6 +74,10 @@ class PassContext:
     console: Console | None = None
     show_progress: bool = True
     notes: list[str] = field(default_factory=list)
+    # Training passes checkpoint under ``workdir`` and, with ``resume``, continue from their last checkpoint.
+    workdir: Path | None = None
+    resume: bool = False
+    pass_index: int = 0  # position of the running pass in its recipe (names its checkpoints)
     _calib_cache: dict = field(default_factory=dict)
 
     def note(self, message: str) -> None:
@@ -105,6 +113,7 @@ class PassContext:
         noise = make_noise(cfg.samples, adapter.latent_shape, self.seed)
         keep = set(_chosen_steps(cfg.steps, cfg.timesteps, cfg.keep_steps, self.seed))
         rows: dict[str, list] = {"x": [], "t": [], "step": [], "cond": []}
+        finals = []
 
         def on_step(i, x, t, c):
             if i in keep:
@@ -117,12 +126,14 @@ class PassContext:
                            cfg.samples) as advance:
             for s in range(0, cfg.samples, cfg.batch_size):
                 sl = slice(s, s + cfg.batch_size)
-                sample(adapter, slice_cond(cond, sl), noise[sl].to(self.device), steps=cfg.steps,
-                       cfg_scale=cfg.cfg_scale, seed=self.seed, on_step=on_step)
+                r = sample(adapter, slice_cond(cond, sl), noise[sl].to(self.device), steps=cfg.steps,
+                           cfg_scale=cfg.cfg_scale, seed=self.seed, on_step=on_step)
+                finals.append(r.samples.cpu())
                 advance(noise[sl].shape[0])
         conds = rows["cond"]
         merged = {k: torch.cat([c[k] for c in conds]) if conds[0][k].dim() else conds[0][k] for k in conds[0]}
-        return CalibrationSet(torch.cat(rows["x"]), torch.cat(rows["t"]), merged, torch.cat(rows["step"]))
+        return CalibrationSet(torch.cat(rows["x"]), torch.cat(rows["t"]), merged, torch.cat(rows["step"]),
+                              final=torch.cat(finals), final_cond={k: v.cpu() for k, v in cond.items()})
 
     @torch.no_grad()
     def check_finite(self, model: nn.Module, pass_name: str) -> None:

@@ -41,6 +41,10 @@ class WeightQuant(BaseModel):
     symmetric: bool = Field(True, description="Symmetric (no zero point) or asymmetric (uint with zero point; "
                                               "weight-only integer formats).")
     per_channel: bool = Field(True, description="fp8: one scale per output channel (True) or per tensor (False).")
+    reduce_range: bool = Field(
+        False, description="int8 with int8 activations: 7-bit weights (-63..63). ONNX Runtime's int8 kernels on x86 "
+                           "CPUs without VNNI (AVX2 only) add pairs of 8-bit products in 16 bits and saturate with "
+                           "full-range weights; 7-bit weights cannot overflow. Costs a little accuracy.")
 
 
 class ActivationQuant(BaseModel):
@@ -117,6 +121,9 @@ class QuantizeConfig(PassConfig):
         if not w.symmetric and (w.dtype == "fp8" or a is not None or self.smoothing or self.low_rank):
             raise ValueError("weights.symmetric: asymmetric weights exist only for weight-only int8/int4 "
                              "without smoothing or low_rank")
+        if w.reduce_range and (w.dtype != "int8" or a is None or a.dtype != "int8" or w.group_size):
+            raise ValueError("weights.reduce_range: 7-bit weights are for per-channel int8 weights with int8 "
+                             "activations (W8A8)")
         if w.group_size and w.dtype == "fp8":
             raise ValueError("weights.group_size: fp8 weights use per-channel or per-tensor scales, not groups")
         if self.backend == "nncf" and (w.dtype != "int8" or a is None or a.dtype != "int8" or a.mode != "static"
@@ -184,7 +191,7 @@ def _formats(config: QuantizeConfig) -> dict:
         "weight_format": config.weights.dtype, "group_size": config.weights.group_size,
         "weight_per_channel": config.weights.per_channel,
         "act_format": None if a is None else a.dtype, "act_mode": "static" if a is None else a.mode,
-        "rank": config.low_rank.rank if config.low_rank else 0,
+        "rank": config.low_rank.rank if config.low_rank else 0, "reduce_range": config.weights.reduce_range,
     }
 
 

@@ -209,3 +209,22 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     raise DitCompressError(
         f"{type(model).__name__} is not a supported DiT family; supported: {', '.join(c.family for c in ADAPTERS)}."
     )
+
+
+# --- block inputs and outputs, the same for every family -------------------------------------------
+# Single-stream blocks take ``hidden_states`` (or ``x``) first and return it; joint and Flux single blocks
+# take ``hidden_states, encoder_hidden_states`` and return ``(encoder_hidden_states, hidden_states)``.
+
+
+def block_hidden(output) -> torch.Tensor:
+    """The image-token stream a block returned (the last element of a joint block's tuple)."""
+    return output[-1] if isinstance(output, tuple) else output
+
+
+def block_identity_output(args: tuple, kwargs: dict, output):
+    """What a block would return if it were removed: its inputs, in the shape of its output."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    if not isinstance(output, tuple):
+        return hidden
+    context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    return (context if output[0] is not None else None, hidden)

@@ -1,0 +1,137 @@
+"""Depth and width pruning with recovery distillation on the reference model, plus DiT-B/2 speed.
+
+    python -m benchmarks.pruning --part depth --samples 1000      # 12 -> 6 blocks, every selection method
+    python -m benchmarks.pruning --part width --samples 1000      # 30% fewer parameters
+    python -m benchmarks.pruning --part speed                     # DiT-B/2 256 px per-call latency
+
+Every depth variant gets the same recovery budget (the ``distill`` pass of ``prune-depth-half.yaml``);
+only the selection method differs. Trained variants are saved under ``runs/pruning/<name>`` and their
+training checkpoints under ``runs/pruning/<name>.work``: re-running the command resumes a killed run
+and reuses finished artifacts. The recovery trains on the teacher's trajectories and, for the
+diffusion loss, on the real digits (the reference model's training data, shipped in scikit-learn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from safetensors.torch import save_file
+
+import compress
+from compress.io import atomic_write_text
+from compress.models.provenance import provenance
+from compress.models.reference import REFERENCE_CFG, REFERENCE_STEPS, digits_dataset
+from compress.passes import CalibrationConfig, PassContext
+from compress.recipe import load_recipe, parse_recipe
+
+from benchmarks.harness import BenchConfig, Variant, run_bench
+
+RUNS = Path("runs/pruning")  # --runs
+DEPTH_METHODS = {"every-other": "uniform", "drop-last": "last", "influence": "influence",
+                 "remove-one": "remove_one", "learned": "learned"}
+
+
+def digits_file() -> Path:
+    """The digits as a ``data.real`` file (latents + class labels)."""
+    path = RUNS / "digits.safetensors"
+    if not path.exists():
+        images, labels = digits_dataset()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"latents": images.contiguous(), "y": labels.contiguous()}, str(path))
+    return path
+
+
+def recipe_with(name: str, steps: int | None, first_pass: dict | None = None) -> dict:
+    """A bundled recipe as a dict, with the recovery on real digits and optionally other settings."""
+    data = load_recipe(name).model_dump(mode="json", by_alias=True)
+    if first_pass:
+        data["passes"][0].update(first_pass)
+    for p in data["passes"]:
+        if p["pass"] == "distill":
+            p["data"]["real"] = str(digits_file())
+            if steps is not None:
+                p["steps"] = steps
+    return data
+
+
+def trained(name: str, recipe: dict, model, ctx: PassContext, console: Console) -> Variant:
+    """Apply (or resume, or reload) one variant's recipe; report its pass log."""
+    out = RUNS / name
+    if not out.exists():
+        ctx.workdir, ctx.resume = RUNS / f"{name}.work", True
+        t0 = time.perf_counter()
+        student = compress.apply_recipe(model, parse_recipe(recipe, name), ctx=ctx, console=console,
+                                        show_progress=False)
+        compress.save(student, out)
+        console.print(f"{name}: trained in {time.perf_counter() - t0:.0f} s")
+    v = Variant(name, compress.load(out), recipe=recipe["name"])
+    v.passes = [{k: p[k] for k in ("pass", "params_after", "seconds", "notes")} for p in provenance(v.model)["passes"]]
+    return v
+
+
+def speed_part(console: Console, out: Path) -> dict:
+    """Per-call latency of DiT-B/2 at 256 px: source vs depth-halved vs 30%-width (weights do not matter)."""
+    src = compress.load_model("DiT-B/2")
+    ctx = PassContext(teacher=src, calibration_config=CalibrationConfig(samples=2, steps=2), show_progress=False)
+    depth = compress.apply_recipe(src, {"name": "depth", "description": "every other block", "passes": [
+        {"pass": "prune_depth", "depth": 0.5, "method": "uniform"}]}, ctx=ctx, show_progress=False)
+    width = compress.apply_recipe(src, {"name": "width", "description": "30% fewer parameters", "passes": [
+        {"pass": "prune_width", "params": 0.3, "importance": "magnitude"}]}, ctx=ctx, show_progress=False)
+    cfg = BenchConfig(samples=0, steps=REFERENCE_STEPS, quality=False, grid=False, speed_batch=4, warmup=2, repeats=10)
+    return run_bench(Variant("DiT-B/2", src), [Variant("depth 12->6", depth, recipe="prune_depth uniform 0.5"),
+                                                Variant("width -30% params", width, recipe="prune_width params 0.3")],
+                     cfg, out, console=console)
+
+
+def main() -> None:
+    global RUNS
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=["depth", "width", "speed"], default="depth")
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--recovery-steps", type=int, default=None, help="override the recipes' distill steps")
+    p.add_argument("--methods", default=",".join(DEPTH_METHODS), help="depth: which selection methods")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/pruning"))
+    p.add_argument("--runs", type=Path, default=Path("runs/pruning"), help="where trained variants and checkpoints are kept")
+    a = p.parse_args()
+    RUNS = a.runs
+    torch.set_num_threads(1)
+    console = Console(width=180)
+    out = a.out / a.part
+    command = f"python -m benchmarks.pruning --part {a.part} --samples {a.samples}"
+    if a.recovery_steps:
+        command += f" --recovery-steps {a.recovery_steps}"
+    if a.part == "speed":
+        report = speed_part(console, out)
+    else:
+        model = compress.load_model("reference")
+        recipe = load_recipe("prune-depth-half" if a.part == "depth" else "prune-width-30")
+        ctx = PassContext(teacher=model, calibration_config=recipe.defaults.calibration, show_progress=False)
+        variants = []
+        if a.part == "depth":
+            if a.methods != ",".join(DEPTH_METHODS):
+                command += f" --methods {a.methods}"
+            for name in a.methods.split(","):
+                data = recipe_with("prune-depth-half", a.recovery_steps, {"method": DEPTH_METHODS[name]})
+                data["name"] = f"prune-depth-half-{name}"
+                variants.append(trained(f"depth-{name}", data, model, ctx, console))
+            nr = recipe_with("prune-depth-half", None, {"method": "uniform"})
+            nr["passes"] = nr["passes"][:1]
+            nr["name"] = "every-other-no-recovery"
+            variants.append(Variant("every-other, no recovery", compress.apply_recipe(model, parse_recipe(nr), ctx=ctx,
+                                                                                      show_progress=False)))
+        else:
+            variants.append(trained("width-30", recipe_with("prune-width-30", a.recovery_steps), model, ctx, console))
+        cfg = BenchConfig(samples=a.samples, steps=REFERENCE_STEPS, cfg_scale=REFERENCE_CFG, speed_batch=64)
+        report = run_bench(Variant("source", model), variants, cfg, out, console=console)
+        report["training"] = {v.name: getattr(v, "passes", None) for v in variants}
+    report["command"] = command
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
