@@ -79,6 +79,28 @@ def reference_part(a, work: Path) -> dict:
                     f"vs the PyTorch model it was exported from (same noise); pixels in [-1, 1]", "rows": rows}
 
 
+def _op_profile(path: Path, feeds: dict, threads: int, runs: int = 2) -> dict[str, float]:
+    """Share of kernel time per ONNX op type (ORT's profiler), top 10: where the time goes."""
+    import collections
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.enable_profiling = True
+    so.profile_file_prefix = str(path.parent / "ort_profile")
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        s.run(None, feeds)
+    events = json.loads(Path(s.end_profiling()).read_text())
+    agg: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            agg[e["args"]["op_name"]] += e["dur"]
+    total = sum(agg.values()) or 1
+    return {k: round(100 * v / total, 1) for k, v in agg.most_common(10)}
+
+
 def _randomize(model: torch.nn.Module) -> None:
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -116,6 +138,7 @@ def speed_part(a, work: Path) -> dict:
             if i >= a.warmup:
                 times[k].append(time.perf_counter() - t1)
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    profile = {k: _op_profile(d / "model.onnx", feeds, a.threads) for k, d in dirs.items()}
     ref, got = _samples(q, _session_runner(dirs["w8a8"], a.threads), a.batch, a.sample_steps, 1.0)
     sizes = {k: sum(f.stat().st_size for f in d.iterdir() if f.name.startswith("model.onnx")) for k, d in dirs.items()}
     return {
@@ -126,6 +149,7 @@ def speed_part(a, work: Path) -> dict:
         "quality": {"what": f"{a.batch} latents sampled {a.sample_steps} DDIM steps (no CFG) through the QDQ export on "
                             f"ORT vs the PyTorch fake-quant model, same noise",
                     "psnr_db": round(float(psnr(got, ref, float(ref.max() - ref.min()))), 2)},
+        "op_time_share_pct": profile,
         "quantize_seconds": round(quant_s, 1), "repeats": a.repeats, "warmup": a.warmup,
         "all_ms": {k: [round(t * 1000, 1) for t in v] for k, v in times.items()},
     }

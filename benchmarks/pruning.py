@@ -4,8 +4,8 @@
     python -m benchmarks.pruning --part width --samples 1000      # 30% fewer parameters
     python -m benchmarks.pruning --part speed                     # DiT-B/2 256 px per-call latency
 
-Every depth variant gets the same recovery budget (the ``distill`` pass of ``prune-depth-half.yaml``);
-only the selection method differs. Trained variants are saved under ``runs/pruning/<name>`` and their
+Every depth variant gets the same recovery budget (the ``distill`` pass of ``prune-depth-half.yaml``, which
+``prune-depth-half-learned.yaml`` repeats); only the selection method differs. Trained variants are saved under ``runs/pruning/<name>`` and their
 training checkpoints under ``runs/pruning/<name>.work``: re-running the command resumes a killed run
 and reuses finished artifacts. The recovery trains on the teacher's trajectories and, for the
 diffusion loss, on the real digits (the reference model's training data, shipped in scikit-learn).
@@ -32,8 +32,10 @@ from compress.recipe import load_recipe, parse_recipe
 from benchmarks.harness import BenchConfig, Variant, run_bench
 
 RUNS = Path("runs/pruning")  # --runs
-DEPTH_METHODS = {"every-other": "uniform", "drop-last": "last", "influence": "influence",
-                 "remove-one": "remove_one", "learned": "learned"}
+# name -> (recipe, selection method swapped in): the same recovery budget for every one
+DEPTH_METHODS = {"every-other": ("prune-depth-half", "uniform"), "drop-last": ("prune-depth-half", "last"),
+                 "influence": ("prune-depth-half", "influence"), "remove-one": ("prune-depth-half", "remove_one"),
+                 "learned": ("prune-depth-half-learned", "learned")}
 
 
 def digits_file() -> Path:
@@ -116,8 +118,9 @@ def main() -> None:
             if a.methods != ",".join(DEPTH_METHODS):
                 command += f" --methods {a.methods}"
             for name in a.methods.split(","):
-                data = recipe_with("prune-depth-half", a.recovery_steps, {"method": DEPTH_METHODS[name]})
-                data["name"] = f"prune-depth-half-{name}"
+                recipe_name, method = DEPTH_METHODS[name]
+                data = recipe_with(recipe_name, a.recovery_steps, {"method": method})
+                data["name"] = f"{recipe_name}-{name}"
                 variants.append(trained(f"depth-{name}", data, model, ctx, console))
             nr = recipe_with("prune-depth-half", None, {"method": "uniform"})
             nr["passes"] = nr["passes"][:1]

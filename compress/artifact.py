@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-import uuid
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from compress.io import atomic_directory
 from compress.nn.quant import track_timesteps
 from compress.errors import DitCompressError
 from compress.models.provenance import ATTR, file_sha256, provenance
@@ -34,10 +32,7 @@ def save(model: nn.Module, out_dir: str | Path, *, force: bool = False) -> Path:
         raise DitCompressError(f"{out}: this model cannot be saved as an artifact: {why}.")
     if out.exists() and not force:
         raise DitCompressError(f"{out}: already exists; pass --force (force=True) to replace it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(out) as tmp:
         weights = tmp / "model.safetensors"
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, weights)
         rec = provenance(model)
@@ -53,16 +48,6 @@ def save(model: nn.Module, out_dir: str | Path, *, force: bool = False) -> Path:
         for f in tmp.iterdir():  # durable before it becomes visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

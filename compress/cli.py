@@ -100,7 +100,10 @@ def apply(recipe: str = typer.Argument(..., help="recipe YAML (or the name of a 
         raise DitCompressError(f"{out}: already exists; pass --force to replace it.")
     src = compress.load_model(model)
     work = workdir or out.with_name(out.name + ".work")
-    result = compress.apply_recipe(src, r, console=console, workdir=work, resume=resume)
+    rank = _init_distributed()
+    result = compress.apply_recipe(src, r, console=console, workdir=work, resume=resume, show_progress=rank == 0)
+    if rank != 0:  # under torchrun every rank trains; rank 0 writes the artifact
+        return
     compress.save(result, out, force=force)
     shutil.rmtree(work, ignore_errors=True)
     from compress.models.provenance import provenance
@@ -225,6 +228,26 @@ def export_tensorrt_cmd(source: str = typer.Argument(..., help="an ONNX export d
     console.print(f"wrote {d / 'model.engine'}")
 
 
+def _init_distributed() -> int:
+    """Under torchrun (WORLD_SIZE > 1) join the process group once; returns this process's rank.
+
+    Training passes then wrap the student in DDP and shard their data by rank; on GPUs each rank uses
+    the device of its LOCAL_RANK.
+    """
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()
+
+
 def _source_id(model: str) -> str:
     """A model source that stays loadable from elsewhere: names as they are, paths made absolute."""
     p = Path(model)
@@ -248,7 +271,8 @@ def recipes(schema: bool = typer.Option(False, "--schema", help="print the recip
 
 
 @app.command()
-def bench(artifacts: list[str] = typer.Argument(None, help="artifact dirs / model sources to compare"),
+def bench(artifacts: list[str] = typer.Argument(None, help="artifact dirs, model sources, ONNX export dirs or "
+                                                             "TensorRT engine dirs to compare"),
           baseline: str = typer.Option("reference", "--baseline", help="the source model (speed-up 1.0)"),
           suite: Path = typer.Option(None, "--suite", help="a suite YAML instead of a list of artifacts"),
           out: Path = typer.Option(Path("out/bench"), "--out", help="report directory"),

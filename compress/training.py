@@ -236,14 +236,14 @@ def _lr_factor(cfg: TrainingConfig, step: int) -> float:
 def distill(student: nn.Module, teacher: nn.Module, cfg: TrainingConfig, ctx: PassContext, *, tag: str,
             extra: nn.Module | None = None, param_groups: list[dict] | None = None,
             before_step: Callable[[int], None] | None = None,
-            extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
+            extra_loss: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
     """Train ``student`` toward ``teacher``; returns the student (its EMA weights if ``cfg.ema``).
 
     ``extra`` holds additional trainable state (e.g. LoRA factors and selection logits) that is
     checkpointed with the run; ``param_groups`` replaces the default (every student parameter at
     ``cfg.lr``); ``before_step(step)`` runs before each step's forward (temperature annealing, mask
-    sampling); ``extra_loss(loss)`` adds a term computed from the step's loss (e.g. a score-function
-    gradient for discrete choices). Checkpoints go to ``ctx.workdir / f"{tag}.pt"``.
+    sampling); ``extra_loss(losses, loss)`` adds a term computed from the step's losses (e.g. a
+    score-function gradient for discrete choices). Checkpoints go to ``ctx.workdir / f"{tag}.pt"``.
     """
     rank, world = _dist()
     device = ctx.device
@@ -284,7 +284,7 @@ def distill(student: nn.Module, teacher: nn.Module, cfg: TrainingConfig, ctx: Pa
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(trainee, find_unused_parameters=True)
+        model = DistributedDataParallel(trainee, find_unused_parameters=extra is not None)
 
     w = cfg.loss
     use_features = w.features > 0
@@ -316,7 +316,7 @@ def distill(student: nn.Module, teacher: nn.Module, cfg: TrainingConfig, ctx: Pa
                     feat = sum(masked_feature_loss(s, t_, cfg.feature_mask) for s, t_ in pairs) / max(len(pairs), 1)
                 losses["features"] = feat
                 loss = w.output * losses["output"] + w.features * losses["features"] + w.diffusion * losses["diffusion"]
-                total = loss + extra_loss(loss) if extra_loss is not None else loss
+                total = loss + extra_loss(losses, loss) if extra_loss is not None else loss
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)

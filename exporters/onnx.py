@@ -15,9 +15,7 @@ export fails and nothing is left at the destination (it is written to a temporar
 from __future__ import annotations
 
 import json
-import shutil
 import time
-import uuid
 import warnings
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from compress.errors import DitCompressError
+from compress.io import atomic_directory
 from compress.models.adapters import get_adapter
 
 MAX_CONDS = 4
@@ -182,56 +181,49 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, opset: int = 20, force
     names = ["latent", "timestep", *keys]
     batch = torch.export.Dim("batch", min=1, max=4096)
     dyn = tuple({0: batch} for _ in args)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     t0 = time.perf_counter()
     log = []
     qdq = []
     try:
-        qdq = _prepare_qdq(model, qdq_activations)
-        path = tmp / "model.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                prog = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, input_names=names,
-                                         output_names=["prediction"], dynamic_shapes=dyn, external_data=True,
-                                         optimize=True, verbose=False,
-                                         custom_translation_table=_qdq_translations() if qdq else None)
-                prog.save(str(path), external_data=True)
-                log.append(f"torch.onnx dynamo exporter, opset {opset}, graph optimised")
-                if qdq:
-                    log.append(f"{len(qdq)} INT8 layers as QuantizeLinear/DequantizeLinear ({qdq_activations} activations, "
-                               f"int8 per-channel weights); other quantized layers as fake-quant float ops")
-                if n_fixed := fix_noop_squeeze(path):
-                    log.append(f"rewrote {n_fixed} no-op Squeeze node(s) to Identity")
-            except Exception as e:  # noqa: BLE001 - fall back, and say so
-                log.append(f"dynamo exporter failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                           f"fell back to the TorchScript exporter (opset 17)")
-                torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=17, input_names=names,
-                                  output_names=["prediction"],
-                                  dynamic_axes={n: {0: "batch"} for n in [*names, "prediction"]})
-        report = validate_onnx(path, model, tolerance=tolerance)
-        if not report["passed"]:
-            lines = "; ".join(f"t={c['timestep']:.0f} {c['branch']}: max abs {c['max_abs_err']:.3g}, "
-                              f"rel {c['max_rel_err']:.3g}" for c in report["cases"])
-            raise DitCompressError(
-                f"ONNX export of {type(model).__name__} failed validation against PyTorch (tolerance "
-                f"{report['tolerance_rel']:.1g} relative, {report['precision']}): {lines}. Nothing was written to "
-                f"{out}.")
-        meta = {"inputs": names, "output": "prediction", "dynamic": {"batch": True, "resolution": False,
-                                                                     "resolution_reason": "position embeddings are "
-                                                                     "fixed-size tables in every supported family"},
-                "opset": opset, "log": log, "qdq_layers": len(qdq),
-                "qdq_activations": qdq_activations if qdq else None, "source": source, "validation": report, "seconds": round(time.perf_counter() - t0, 1),
-                "torch": torch.__version__}
-        (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(out) as tmp:
+            qdq = _prepare_qdq(model, qdq_activations)
+            path = tmp / "model.onnx"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    prog = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, input_names=names,
+                                             output_names=["prediction"], dynamic_shapes=dyn, external_data=True,
+                                             optimize=True, verbose=False,
+                                             custom_translation_table=_qdq_translations() if qdq else None)
+                    prog.save(str(path), external_data=True)
+                    log.append(f"torch.onnx dynamo exporter, opset {opset}, graph optimised")
+                    if qdq:
+                        log.append(f"{len(qdq)} INT8 layers as QuantizeLinear/DequantizeLinear ({qdq_activations} "
+                                   f"activations, int8 per-channel weights); other quantized layers as fake-quant "
+                                   f"float ops")
+                    if n_fixed := fix_noop_squeeze(path):
+                        log.append(f"rewrote {n_fixed} no-op Squeeze node(s) to Identity")
+                except Exception as e:  # noqa: BLE001 - fall back, and say so
+                    log.append(f"dynamo exporter failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                               f"fell back to the TorchScript exporter (opset 17)")
+                    torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=17, input_names=names,
+                                      output_names=["prediction"],
+                                      dynamic_axes={n: {0: "batch"} for n in [*names, "prediction"]})
+            report = validate_onnx(path, model, tolerance=tolerance)
+            if not report["passed"]:
+                lines = "; ".join(f"t={c['timestep']:.0f} {c['branch']}: max abs {c['max_abs_err']:.3g}, "
+                                  f"rel {c['max_rel_err']:.3g}" for c in report["cases"])
+                raise DitCompressError(
+                    f"ONNX export of {type(model).__name__} failed validation against PyTorch (tolerance "
+                    f"{report['tolerance_rel']:.1g} relative, {report['precision']}): {lines}. Nothing was written to "
+                    f"{out}.")
+            meta = {"inputs": names, "output": "prediction", "dynamic": {"batch": True, "resolution": False,
+                                                                         "resolution_reason": "position embeddings are "
+                                                                         "fixed-size tables in every supported family"},
+                    "opset": opset, "log": log, "qdq_layers": len(qdq),
+                    "qdq_activations": qdq_activations if qdq else None, "source": source, "validation": report,
+                    "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__}
+            (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
     finally:
         for m in qdq:
             del m._export_scale, m._export_act_dtype

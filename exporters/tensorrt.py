@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from compress.errors import DitCompressError
+from compress.io import atomic_directory, atomic_write_bytes
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 _ONNX_INT8 = {2, 3}  # TensorProto UINT8, INT8
@@ -233,22 +232,11 @@ def build_engine(export_dir: str | Path, out_dir: str | Path, *, precision: str 
     if serialized is None:
         raise DitCompressError(f"TensorRT could not build an engine from {onnx_path} ({plan}); see its log above.")
     seconds = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(out) as tmp:
         (tmp / "model.engine").write_bytes(bytes(serialized))
         meta = engine_metadata(export_meta, plan, shapes, trt.__version__, device, key, seconds)
         (tmp / "engine.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if cache_path is not None:
-        from compress.io import atomic_write_bytes
-
         atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     return out
 

@@ -48,9 +48,10 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int4(p: torch.Tensor, signed: bool) -> torch.Tensor:
-    lo, hi = (p & 0xF).to(torch.int16), (p >> 4).to(torch.int16)
+    """Inverse of ``pack_int4`` (int32 arithmetic only, so an exported graph runs on ONNX Runtime)."""
+    lo, hi = (p & 0xF).to(torch.int32), (p >> 4).to(torch.int32)
     q = torch.stack([lo, hi], -1).reshape(p.shape[0], -1)
-    return torch.where(q > 7, q - 16, q) if signed else q
+    return q - 16 * (q > 7).to(torch.int32) if signed else q
 
 
 class WeightOnlyLinear(nn.Module):

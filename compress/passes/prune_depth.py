@@ -52,7 +52,9 @@ class LearnedSelection(BaseModel):
     lora_rank: int = Field(8, ge=0, le=256, description="Rank of the LoRA trained with the selection (0: none). "
                                                         "It is discarded afterwards: it only makes the choice favour "
                                                         "recoverable blocks.")
-    gate_lr: float = Field(0.2, gt=0, le=10, description="Learning rate of the selection logits.")
+    gate_lr: float = Field(0.05, gt=0, le=10, description="Learning rate of the selection logits (Adam moves them "
+                                                          "about this much per step whatever the gradient's size, so "
+                                                          "a large value stops exploring after a few steps).")
     estimator: Literal["score_function", "straight_through"] = Field(
         "score_function", description="Gradient of the selection logits: 'score_function' (REINFORCE with a running "
                                       "baseline; unbiased) or 'straight_through' (Gumbel-softmax, TinyFusion's; "
@@ -266,11 +268,17 @@ class _Selector(nn.Module):
                 self.mask[(kind, b)] = sum(y[j] for j, o in enumerate(opts) if b in o)
         self.log_prob = sum(log_probs) if log_probs else None
 
-    def extra_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """REINFORCE term: raise the log-probability of masks whose loss beats the running baseline."""
+    def extra_loss(self, losses: dict[str, torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+        """REINFORCE term: raise the log-probability of masks whose loss beats the running baseline.
+
+        The reward is the output-KD loss when it is on: student and teacher see the same inputs, so it is
+        free of the batch-to-batch noise of the diffusion loss, which would otherwise drown the difference
+        between masks.
+        """
         if self.log_prob is None:
             return loss.new_zeros(())
-        value = loss.detach()
+        out = losses["output"].detach()
+        value = out if float(out) > 0 else loss.detach()
         advantage = value - self.baseline if self.seen else torch.zeros_like(value)
         with torch.no_grad():
             self.baseline.lerp_(value, 1.0 if not self.seen else 0.1)
