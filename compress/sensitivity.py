@@ -97,12 +97,8 @@ def measure_sensitivity(model: nn.Module, formats: list[str], *, calibration: Ca
     work = copy.deepcopy(model).eval()
     track_timesteps(work)
     adapter = get_adapter(work)
-    calib = ctx.calibration()
-    pick = torch.linspace(0, len(calib) - 1, min(eval_rows, len(calib))).long()
-    x, t = calib.x[pick], calib.t[pick]
-    from compress.diffusion.sampling import slice_cond
-
-    cond = slice_cond(calib.cond, pick)
+    rows = ctx.calibration().spread(eval_rows)
+    x, t, cond = rows.x, rows.t, rows.cond
     ref = adapter.forward(x, t, cond)
     denom = ref.pow(2).mean().clamp_min(1e-20)
     error = {n: {FULL: 0.0} for n in layers}

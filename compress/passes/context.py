@@ -47,6 +47,11 @@ class CalibrationSet:
     def __len__(self) -> int:
         return self.x.shape[0]
 
+    def spread(self, n: int) -> "CalibrationSet":
+        """At most ``n`` rows evenly spaced over the recording (every step and both branches represented)."""
+        pick = torch.linspace(0, len(self) - 1, min(n, len(self))).long()
+        return CalibrationSet(self.x[pick], self.t[pick], slice_cond(self.cond, pick), self.step[pick])
+
     def batches(self, size: int):
         for i in range(0, len(self), size):
             sl = slice(i, i + size)
@@ -154,9 +159,8 @@ class PassContext:
             cond = adapter.example_cond(2, gen)
             checks = [(x, torch.full((2,), t), cond, "seeded noise") for t in (50.0, 500.0, 950.0)]
             for calib in self._calib_cache.values():  # and real calibration inputs across the trajectory
-                pick = torch.linspace(0, len(calib) - 1, min(8, len(calib))).long()
-                checks.append((calib.x[pick].to(self.device), calib.t[pick].to(self.device),
-                               slice_cond(calib.cond, pick), "calibration inputs"))
+                rows = calib.spread(8)
+                checks.append((rows.x.to(self.device), rows.t.to(self.device), rows.cond, "calibration inputs"))
             for xi, ti, ci, what in checks:
                 out = adapter.forward(xi, ti, ci)
                 if not torch.isfinite(out).all():

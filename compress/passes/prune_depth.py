@@ -29,12 +29,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from compress.diffusion.sampling import slice_cond
 from compress.errors import DitCompressError
 from compress.models.adapters import get_adapter
 from compress.models.adapters.base import block_hidden, block_identity_output
 from compress.passes.base import PassConfig, register_pass
-from compress.passes.context import CalibrationConfig
+from compress.passes.context import CalibrationConfig, CalibrationSet
 from compress.training import LossWeights, TrainingConfig, distill
 
 
@@ -133,21 +132,12 @@ def targets(model: nn.Module, depth, field: str = "depth") -> dict[str, int]:
     return out
 
 
-def _rows(ctx, config: PruneDepthConfig):
-    calib = ctx.calibration(config.calibration)
-    pick = torch.linspace(0, len(calib) - 1, min(config.max_rows, len(calib))).long()
-    return calib.x[pick], calib.t[pick], slice_cond(calib.cond, pick)
-
-
-def _batches(rows, size: int = 64):
-    x, t, cond = rows
-    for i in range(0, len(x), size):
-        sl = slice(i, i + size)
-        yield x[sl], t[sl], slice_cond(cond, sl)
+def _rows(ctx, config: PruneDepthConfig) -> CalibrationSet:
+    return ctx.calibration(config.calibration).spread(config.max_rows)
 
 
 @torch.no_grad()
-def block_influence(model: nn.Module, rows, device: str = "cpu") -> dict[tuple[str, int], float]:
+def block_influence(model: nn.Module, rows: CalibrationSet, device: str = "cpu") -> dict[tuple[str, int], float]:
     """1 - mean cosine similarity between each block's image-token input and output."""
     adapter = get_adapter(model)
     sums: dict[tuple[str, int], float] = {}
@@ -161,7 +151,7 @@ def block_influence(model: nn.Module, rows, device: str = "cpu") -> dict[tuple[s
 
     handles = [b.module.register_forward_hook(hook((b.kind, b.index)), with_kwargs=True) for b in adapter.blocks()]
     try:
-        for x, t, c in _batches(rows):
+        for x, t, c in rows.batches(64):
             adapter.forward(x.to(device), t.to(device), {k: v.to(device) for k, v in c.items()})
             count += len(x)
     finally:
@@ -171,10 +161,10 @@ def block_influence(model: nn.Module, rows, device: str = "cpu") -> dict[tuple[s
 
 
 @torch.no_grad()
-def removal_error(model: nn.Module, rows, device: str = "cpu") -> dict[tuple[str, int], float]:
+def removal_error(model: nn.Module, rows: CalibrationSet, device: str = "cpu") -> dict[tuple[str, int], float]:
     """Relative output error of the model with each single block removed (skipped)."""
     adapter = get_adapter(model)
-    batches = [(x.to(device), t.to(device), {k: v.to(device) for k, v in c.items()}) for x, t, c in _batches(rows)]
+    batches = [(x.to(device), t.to(device), {k: v.to(device) for k, v in c.items()}) for x, t, c in rows.batches(64)]
     ref = [adapter.forward(*b) for b in batches]
     power = sum(float(r.pow(2).sum()) for r in ref)
     out = {}
@@ -320,8 +310,8 @@ def learned_selection(model: nn.Module, want: dict[str, int], config: PruneDepth
     return sel.choice()
 
 
-def _keep_lowest_loss(scores: dict[tuple[str, int], float], want: dict[str, int]) -> dict[str, list[int]]:
-    """Per kind, keep the ``want[kind]`` blocks with the highest score (score = cost of removing it)."""
+def _keep_costliest(scores: dict[tuple[str, int], float], want: dict[str, int]) -> dict[str, list[int]]:
+    """Per kind, keep the ``want[kind]`` blocks whose removal costs most (highest score)."""
     keep = {}
     for kind, n in want.items():
         ranked = sorted((i for k, i in scores if k == kind), key=lambda i: scores[(kind, i)], reverse=True)
@@ -347,11 +337,11 @@ def apply_prune_depth(model: nn.Module, config: PruneDepthConfig, ctx) -> nn.Mod
         keep = {k: list(range(want[k])) for k in counts}
     elif config.method == "influence":
         scores = block_influence(model, _rows(ctx, config), ctx.device)
-        keep = _keep_lowest_loss(scores, want)
+        keep = _keep_costliest(scores, want)
         ctx.note("block influence: " + ", ".join(f"{k}{i}={v:.3g}" for (k, i), v in scores.items()))
     elif config.method == "remove_one":
         scores = removal_error(model, _rows(ctx, config), ctx.device)
-        keep = _keep_lowest_loss(scores, want)
+        keep = _keep_costliest(scores, want)
         ctx.note("remove-one output error: " + ", ".join(f"{k}{i}={v:.3g}" for (k, i), v in scores.items()))
     else:
         keep = learned_selection(model, want, config, ctx)

@@ -162,13 +162,9 @@ def _data_scores(model: nn.Module, units: list[_Unit], config: PruneWidthConfig,
             model.zero_grad(set_to_none=True)
             model.requires_grad_(False)
         else:
-            calib = ctx.calibration(config.calibration)
-            pick = torch.linspace(0, len(calib) - 1, min(config.max_rows, len(calib))).long()
             with torch.no_grad():
-                for s in range(0, len(pick), 64):
-                    idx = pick[s : s + 64]
-                    adapter.forward(calib.x[idx].to(ctx.device), calib.t[idx].to(ctx.device),
-                                    {k: (v[idx] if v.dim() else v).to(ctx.device) for k, v in calib.cond.items()})
+                for x, t, cond in ctx.calibration(config.calibration).spread(config.max_rows).batches(64):
+                    adapter.forward(x.to(ctx.device), t.to(ctx.device), {k: v.to(ctx.device) for k, v in cond.items()})
     finally:
         for h in handles:
             h.remove()
