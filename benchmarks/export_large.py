@@ -21,6 +21,15 @@ from pathlib import Path
 import torch
 
 
+def randomize_weights(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> None:
+    """Re-draw every weight but the fixed position table from N(0, std^2) (DiT's zero init outputs 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, prm in model.named_parameters():
+            if n != "pos_embed":
+                prm.copy_(torch.randn(prm.shape, generator=g) * std)
+
+
 def main() -> None:
     from benchmarks.calibration_memory import _rss_peak_bytes
     from compress import load_model
@@ -32,11 +41,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/export"))
     a = p.parse_args()
     model = load_model(a.model)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, prm in model.named_parameters():
-            if n != "pos_embed":
-                prm.copy_(torch.randn(prm.shape, generator=g) * 0.02)
+    randomize_weights(model)
     work = Path(tempfile.mkdtemp())
     t0 = time.perf_counter()
     d = export_onnx(model, work / "onnx")

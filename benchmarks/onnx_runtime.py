@@ -31,6 +31,7 @@ from compress.metrics import psnr
 from compress.models.adapters import get_adapter
 from compress.models.reference import REFERENCE_CFG, REFERENCE_STEPS
 from compress.passes import CalibrationConfig, PassContext
+from benchmarks.export_large import randomize_weights
 from exporters.onnx import export_onnx
 from exporters.runtime import OnnxRunner
 
@@ -38,16 +39,6 @@ from exporters.runtime import OnnxRunner
 def _machine(threads: int) -> str:
     return (f"{platform.machine()} {os.cpu_count()} cpu, ORT intra-op threads {threads}, torch {torch.__version__}, "
             f"onnxruntime {__import__('onnxruntime').__version__}")
-
-
-def _session_runner(d: Path, threads: int) -> OnnxRunner:
-    import onnxruntime as ort
-
-    r = OnnxRunner(d)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    r.session = ort.InferenceSession(str(d / "model.onnx"), so, providers=["CPUExecutionProvider"])
-    return r
 
 
 def _samples(model, runner, n: int, steps: int, cfg: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +60,7 @@ def reference_part(a, work: Path) -> dict:
         d = export_onnx(m, work / name.split()[0], force=True)
         meta = json.loads((d / "export.json").read_text())
         t0 = time.perf_counter()
-        ref, got = _samples(m, _session_runner(d, a.threads), a.samples, REFERENCE_STEPS, REFERENCE_CFG)
+        ref, got = _samples(m, OnnxRunner(d, threads=a.threads), a.samples, REFERENCE_STEPS, REFERENCE_CFG)
         rows[name] = {"psnr_db_vs_pytorch": round(float(psnr(got.clamp(-1, 1), ref.clamp(-1, 1), 2.0)), 2),
                       "max_abs_diff": float((got - ref).abs().max()), "qdq_layers": meta["qdq_layers"],
                       "validation_max_rel_err": meta["validation"]["max_rel_err"],
@@ -101,30 +92,17 @@ def _op_profile(path: Path, feeds: dict, threads: int, runs: int = 2) -> dict[st
     return {k: round(100 * v / total, 1) for k, v in agg.most_common(10)}
 
 
-def _randomize(model: torch.nn.Module) -> None:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, prm in model.named_parameters():
-            if n != "pos_embed":
-                prm.copy_(torch.randn(prm.shape, generator=g) * 0.02)
-
-
 def speed_part(a, work: Path) -> dict:
-    import onnxruntime as ort
-
     model = compress.load_model(a.model)
-    _randomize(model)
+    randomize_weights(model)
     ctx = PassContext(teacher=model, calibration_config=CalibrationConfig(samples=4, steps=8, batch_size=4),
                       show_progress=False)
     t0 = time.perf_counter()
     q = compress.apply_recipe(model, "w8a8-int8-ort-cpu", ctx=ctx, show_progress=False)
     quant_s = time.perf_counter() - t0
     dirs = {"fp32": export_onnx(model, work / "fp32", force=True), "w8a8": export_onnx(q, work / "w8a8", force=True)}
-    sessions = {}
-    for k, d in dirs.items():
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = a.threads
-        sessions[k] = ort.InferenceSession(str(d / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    runners = {k: OnnxRunner(d, threads=a.threads) for k, d in dirs.items()}
+    sessions = {k: r.session for k, r in runners.items()}
     ad = get_adapter(model)
     g = torch.Generator().manual_seed(0)
     x = torch.randn((a.batch, *ad.latent_shape), generator=g).numpy()
@@ -139,7 +117,7 @@ def speed_part(a, work: Path) -> dict:
                 times[k].append(time.perf_counter() - t1)
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     profile = {k: _op_profile(d / "model.onnx", feeds, a.threads) for k, d in dirs.items()}
-    ref, got = _samples(q, _session_runner(dirs["w8a8"], a.threads), a.batch, a.sample_steps, 1.0)
+    ref, got = _samples(q, runners["w8a8"], a.batch, a.sample_steps, 1.0)
     sizes = {k: sum(f.stat().st_size for f in d.iterdir() if f.name.startswith("model.onnx")) for k, d in dirs.items()}
     return {
         "model": a.model, "batch": a.batch, "resolution_px": ad.latent_shape[-1] * 8, "threads": a.threads,

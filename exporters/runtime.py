@@ -32,7 +32,7 @@ class TorchRunner:
 class OnnxRunner:
     """An exported ``model.onnx`` on ONNX Runtime (CPU, or the CUDA / TensorRT providers where installed)."""
 
-    def __init__(self, export_dir: str | Path, providers: list[str] | None = None):
+    def __init__(self, export_dir: str | Path, providers: list[str] | None = None, threads: int | None = None):
         import onnxruntime as ort
 
         d = Path(export_dir)
@@ -40,7 +40,11 @@ class OnnxRunner:
         if not meta_path.exists():
             raise DitCompressError(f"{d}: not an ONNX export from dit-compress (export.json is missing).")
         self.meta = json.loads(meta_path.read_text())
-        self.session = ort.InferenceSession(str(d / "model.onnx"), providers=providers or ["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(d / "model.onnx"), options,
+                                            providers=providers or ["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
         self.cond_keys = self.meta["inputs"][2:]
         self.provider = self.session.get_providers()[0]  # the one actually used (see ENVIRONMENT notes)

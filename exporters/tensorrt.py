@@ -22,6 +22,7 @@ from pathlib import Path
 
 from compress.errors import DitCompressError
 from compress.io import atomic_directory, atomic_write_bytes
+from compress.models.provenance import file_sha256
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 _ONNX_INT8 = {2, 3}  # TensorProto UINT8, INT8
@@ -153,16 +154,6 @@ def plan_precision(precision: str, quant: dict, trt_version: str, strongly_typed
     return BuildPlan(precision, False, flags)
 
 
-def _files_digest(export_dir: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(export_dir.glob("model.onnx*")):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def engine_cache_key(onnx_digest: str, plan: BuildPlan, shapes: dict, trt_version: str, device: str) -> str:
     """Engines are specific to the graph, build settings, TensorRT version and GPU: a change in any rebuilds."""
     blob = json.dumps({"onnx": onnx_digest, "plan": asdict(plan), "shapes": shapes, "trt": trt_version,
@@ -200,7 +191,7 @@ def build_engine(export_dir: str | Path, out_dir: str | Path, *, precision: str 
     device = torch.cuda.get_device_name()
     plan = plan_precision(precision, graph_quantization(onnx_path), trt.__version__, strongly_typed)
     shapes = profile_shapes(onnx_inputs(onnx_path), batch)
-    key = engine_cache_key(_files_digest(export_dir), plan, shapes, trt.__version__, device)
+    key = engine_cache_key(file_sha256(*export_dir.glob("model.onnx*")), plan, shapes, trt.__version__, device)
     if out.exists():
         old = json.loads((out / "engine.json").read_text()) if (out / "engine.json").is_file() else {}
         if old.get("cache_key") == key and (out / "model.engine").is_file():
