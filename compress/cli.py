@@ -213,9 +213,10 @@ def export_tensorrt_cmd(source: str = typer.Argument(..., help="an ONNX export d
     _require_tensorrt()  # fail before any export work when TensorRT is absent
     try:
         b = tuple(int(v) for v in batch.split(","))
-        assert len(b) == 3
-    except (ValueError, AssertionError):
-        raise DitCompressError(f"--batch {batch!r}: expected three integers min,opt,max (e.g. 1,4,16).") from None
+    except ValueError:
+        b = ()
+    if len(b) != 3:
+        raise DitCompressError(f"--batch {batch!r}: expected three integers min,opt,max (e.g. 1,4,16).")
     src = Path(source)
     if not (src / "export.json").is_file():
         from compress import load_model
