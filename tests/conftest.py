@@ -1,9 +1,14 @@
 import os
 
-import pytest
-import torch
+# One thread everywhere, set before torch is imported: child processes the tests start inherit the same
+# OMP_NUM_THREADS, and bit-identity of outputs holds only between processes with equal thread counts
+# (matmul reduction order depends on it on some CPUs).
+os.environ["OMP_NUM_THREADS"] = "1"
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 from compress.models.dit import DiT, DiTConfig  # noqa: E402
 from compress.models.provenance import stamp_source  # noqa: E402

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from compress.diffusion.schedules import training_scheduler
 from compress.models.dit import DiT
-from compress.models.reference import REFERENCE_CONFIG, WEIGHTS, digits_dataset
+from compress.models.reference import REFERENCES, WEIGHTS, digits_dataset
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -33,15 +33,17 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 def train(steps: int, workdir: Path, batch: int = 128, lr: float = 3e-4, ema_decay: float = 0.999,
           ckpt_every: int = 250, seed: int = 0, export: Path | None = WEIGHTS, init_from: Path | None = None,
-          cosine: bool = False) -> DiT:
+          cosine: bool = False, name: str = "reference") -> DiT:
     """Train (or, with ``init_from``, continue training from released weights) and export the EMA.
 
-    ``cosine`` decays the learning rate to zero over ``steps``: the usual way to finish a run.
+    ``cosine`` decays the learning rate to zero over ``steps``: the usual way to finish a run. ``name``
+    picks the bundled model's configuration (``reference`` or ``reference-p1``).
     """
+    config = REFERENCES[name][0]
     torch.manual_seed(seed)
     workdir.mkdir(parents=True, exist_ok=True)
     images, labels = digits_dataset()
-    model = DiT(REFERENCE_CONFIG)
+    model = DiT(config)
     prior_steps = 0
     if init_from is not None:
         from safetensors import safe_open
@@ -95,7 +97,7 @@ def train(steps: int, workdir: Path, batch: int = 128, lr: float = 3e-4, ema_dec
                                 "gen": gen.get_state(), "step": step}, ckpt)
     if export is not None:
         sd = {k: v.contiguous() for k, v in ema.state_dict().items()}
-        meta = {"dit_config": json.dumps(REFERENCE_CONFIG.to_dict()), "train_steps": str(prior_steps + step),
+        meta = {"dit_config": json.dumps(config.to_dict()), "train_steps": str(prior_steps + step),
                 "seed": str(seed), "init_from": str(init_from or "")}
         tmp = export.with_suffix(".tmp")
         save_file(sd, tmp, metadata=meta)
@@ -112,12 +114,14 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--export", type=Path, default=WEIGHTS)
+    p.add_argument("--model", choices=sorted(REFERENCES), default="reference", help="which bundled model to train")
+    p.add_argument("--export", type=Path, default=None, help="weights file to write (default: the bundled one)")
     p.add_argument("--init-from", type=Path, default=None, help="continue from these weights (e.g. the shipped ones)")
     p.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to zero over --steps")
     a = p.parse_args()
-    train(a.steps, a.workdir, a.batch, a.lr, ckpt_every=a.ckpt_every, seed=a.seed, export=a.export,
-          init_from=a.init_from, cosine=a.cosine)
+    export = a.export or REFERENCES[a.model][1]
+    train(a.steps, a.workdir, a.batch, a.lr, ckpt_every=a.ckpt_every, seed=a.seed, export=export,
+          init_from=a.init_from, cosine=a.cosine, name=a.model)
 
 
 if __name__ == "__main__":
