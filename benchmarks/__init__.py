@@ -1,1 +1,1 @@
-"""Benchmark harness, suites and committed results."""
+"""Scripts that drive the public API (compress, compress.bench, exporters) and commit benchmarks/results/."""

@@ -10,25 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
-
-import torch
-
-
-def _rss_peak_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return -1
 
 
 def main() -> None:
     from compress import apply_recipe, load_model, load_recipe
     from compress.io import atomic_write_text
-    from compress.recipe import state_bytes, with_defaults
+    from compress.machine import machine_info, peak_rss_mb
+    from compress.models.size import state_bytes
+    from compress.recipe import with_defaults
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="DiT-XL/2")
@@ -40,7 +31,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model = load_model(a.model)
     model_bytes = state_bytes(model)
-    after_load = _rss_peak_bytes()
+    after_load = peak_rss_mb()
     r = load_recipe(a.recipe)
     cal = r.defaults.calibration.model_copy(update={"samples": a.samples, "steps": a.steps, "batch_size": a.samples})
     r = with_defaults(r, calibration=cal)
@@ -51,12 +42,11 @@ def main() -> None:
         "model": a.model, "recipe": a.recipe, "calibration": cal.model_dump(),
         "calibration_rows": a.samples * a.steps * 2,
         "model_fp32_gb": round(model_bytes / 2**30, 3),
-        "peak_rss_after_load_gb": round(after_load / 2**30, 3),
-        "peak_rss_gb": round(_rss_peak_bytes() / 2**30, 3),
+        "peak_rss_after_load_gb": round(after_load / 1024, 3),
+        "peak_rss_gb": round(peak_rss_mb() / 1024, 3),
         "apply_seconds": round(t2 - t1, 1), "total_seconds": round(t2 - t0, 1),
         "command": f"python -m benchmarks.calibration_memory --model {a.model} --samples {a.samples} --steps {a.steps}",
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}, "
-                   f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        "machine": machine_info(),
     }
     out = a.out / f"calibration_memory_{a.model.replace('/', '-')}.json"
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import tempfile
 import time
@@ -31,9 +29,10 @@ def randomize_weights(model: torch.nn.Module, std: float = 0.02, seed: int = 0) 
 
 
 def main() -> None:
-    from benchmarks.calibration_memory import _rss_peak_bytes
     from compress import load_model
     from compress.io import atomic_write_text
+    from compress.machine import machine_info, peak_rss_mb
+    from compress.models.size import param_count
     from exporters.onnx import export_onnx
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -48,13 +47,12 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     meta = json.loads((d / "export.json").read_text())
     report = {
-        "model": a.model, "params": sum(p.numel() for p in model.parameters()),
+        "model": a.model, "params": param_count(model),
         "onnx_bytes": (d / "model.onnx").stat().st_size, "external_data_bytes": (d / "model.onnx.data").stat().st_size,
-        "export_and_validate_seconds": round(seconds, 1), "peak_rss_gb": round(_rss_peak_bytes() / 2**30, 2),
+        "export_and_validate_seconds": round(seconds, 1), "peak_rss_gb": round(peak_rss_mb() / 1024, 2),
         "validation": meta["validation"], "exporter_log": meta["log"],
         "command": f"python -m benchmarks.export_large --model {a.model}",
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}, "
-                   f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        "machine": machine_info(),
     }
     shutil.rmtree(work, ignore_errors=True)
     out = a.out / f"onnx_{a.model.replace('/', '-')}.json"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -27,33 +26,29 @@ import torch
 import compress
 from compress.diffusion.sampling import make_noise, sample
 from compress.io import atomic_write_text
+from compress.machine import machine_info
 from compress.metrics import psnr
 from compress.models.adapters import get_adapter
 from compress.models.reference import REFERENCE_CFG, REFERENCE_STEPS
 from compress.passes import CalibrationConfig, PassContext
 from benchmarks.export_large import randomize_weights
-from exporters.onnx import export_onnx
-from exporters.runtime import OnnxRunner
-
-
-def _machine(threads: int) -> str:
-    return (f"{platform.machine()} {os.cpu_count()} cpu, ORT intra-op threads {threads}, torch {torch.__version__}, "
-            f"onnxruntime {__import__('onnxruntime').__version__}")
+from exporters.onnx import OnnxRunner, export_onnx
 
 
 def _samples(model, runner, n: int, steps: int, cfg: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    ad = get_adapter(model)
-    cond = ad.example_cond(n, torch.Generator().manual_seed(seed),
-                           labels=torch.arange(n) % ad.num_classes if ad.num_classes else None)
-    noise = make_noise(n, ad.latent_shape, seed)
-    a = sample(ad, cond, noise, steps=steps, cfg_scale=cfg).samples
-    b = sample(ad, cond, noise, steps=steps, cfg_scale=cfg, denoiser=runner).samples
+    """The PyTorch model's and the runner's samples from the same noise and conditions."""
+    contract = get_adapter(model).contract().with_overrides(steps=steps, guidance_scale=cfg)
+    cond = contract.example_cond(n, torch.Generator().manual_seed(seed),
+                                 labels=torch.arange(n) % contract.num_classes if contract.num_classes else None)
+    noise = make_noise(n, tuple(contract.latent_shape), seed)
+    a = sample(model, cond, noise, contract=contract).samples
+    b = sample(runner, cond, noise, contract=contract).samples
     return a, b
 
 
 def reference_part(a, work: Path) -> dict:
     model = compress.load_model("reference")
-    ctx = PassContext(teacher=model, calibration_config=CalibrationConfig(), show_progress=False)
+    ctx = PassContext.for_model(model, CalibrationConfig(), show_progress=False)
     q = compress.apply_recipe(model, "w8a8-int8-ort-cpu", ctx=ctx, show_progress=False)
     rows = {}
     for name, m in (("fp32", model), ("w8a8-int8-ort-cpu (QDQ)", q)):
@@ -95,8 +90,7 @@ def _op_profile(path: Path, feeds: dict, threads: int, runs: int = 2) -> dict[st
 def speed_part(a, work: Path) -> dict:
     model = compress.load_model(a.model)
     randomize_weights(model)
-    ctx = PassContext(teacher=model, calibration_config=CalibrationConfig(samples=4, steps=8, batch_size=4),
-                      show_progress=False)
+    ctx = PassContext.for_model(model, CalibrationConfig(samples=4, steps=8, batch_size=4), show_progress=False)
     t0 = time.perf_counter()
     q = compress.apply_recipe(model, "w8a8-int8-ort-cpu", ctx=ctx, show_progress=False)
     quant_s = time.perf_counter() - t0
@@ -150,7 +144,8 @@ def main() -> None:
     report["command"] = (f"python -m benchmarks.onnx_runtime --part {a.part}" +
                          (f" --samples {a.samples}" if a.part == "reference" else
                           f" --model {a.model} --batch {a.batch} --threads {a.threads}"))
-    report["machine"] = _machine(a.threads)
+    report["machine"] = {**machine_info(), "ort_threads": a.threads,
+                         "onnxruntime": __import__("onnxruntime").__version__}
     name = "ort_reference.json" if a.part == "reference" else f"ort_speed_{a.model.replace('/', '-')}.json"
     atomic_write_text(a.out / name, json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "all_ms"}, indent=2))

@@ -14,7 +14,6 @@ diffusion loss, on the real digits (the reference model's training data, shipped
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -23,13 +22,12 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 import compress
-from compress.io import atomic_write_text
+from compress.bench import BenchConfig, Variant, run_bench
+from compress.io import WorkDir
 from compress.models.provenance import provenance
 from compress.models.reference import REFERENCE_CFG, REFERENCE_STEPS, digits_dataset
 from compress.passes import CalibrationConfig, PassContext
 from compress.recipe import load_recipe, parse_recipe
-
-from benchmarks.harness import BenchConfig, Variant, run_bench
 
 RUNS = Path("runs/pruning")  # --runs
 # name -> (recipe, selection method swapped in): the same recovery budget for every one
@@ -65,29 +63,30 @@ def trained(name: str, recipe: dict, model, ctx: PassContext, console: Console) 
     """Apply (or resume, or reload) one variant's recipe; report its pass log."""
     out = RUNS / name
     if not out.exists():
-        ctx.workdir, ctx.resume = RUNS / f"{name}.work", True
+        ctx.run.workdir, ctx.run.resume = WorkDir(RUNS / f"{name}.work"), True
         t0 = time.perf_counter()
         student = compress.apply_recipe(model, parse_recipe(recipe, name), ctx=ctx, console=console,
                                         show_progress=False)
         compress.save(student, out)
         console.print(f"{name}: trained in {time.perf_counter() - t0:.0f} s")
-    v = Variant(name, compress.load(out), recipe=recipe["name"])
-    v.passes = [{k: p[k] for k in ("pass", "params_after", "seconds", "notes")} for p in provenance(v.model)["passes"]]
-    return v
+    model = compress.load(out)
+    passes = [{k: p[k] for k in ("pass", "params_after", "seconds", "notes")} for p in provenance(model)["passes"]]
+    return Variant(name, model, recipe=recipe["name"], info={"passes": passes})
 
 
 def speed_part(console: Console, out: Path) -> dict:
     """Per-call latency of DiT-B/2 at 256 px: source vs depth-halved vs 30%-width (weights do not matter)."""
     src = compress.load_model("DiT-B/2")
-    ctx = PassContext(teacher=src, calibration_config=CalibrationConfig(samples=2, steps=2), show_progress=False)
+    ctx = PassContext.for_model(src, CalibrationConfig(samples=2, steps=2), show_progress=False)
     depth = compress.apply_recipe(src, {"name": "depth", "description": "every other block", "passes": [
         {"pass": "prune_depth", "depth": 0.5, "method": "uniform"}]}, ctx=ctx, show_progress=False)
     width = compress.apply_recipe(src, {"name": "width", "description": "30% fewer parameters", "passes": [
         {"pass": "prune_width", "params": 0.3, "importance": "magnitude"}]}, ctx=ctx, show_progress=False)
-    cfg = BenchConfig(samples=0, steps=REFERENCE_STEPS, quality=False, grid=False, speed_batch=4, warmup=2, repeats=10)
+    cfg = BenchConfig(samples=1, steps=REFERENCE_STEPS, quality=False, grid=False, speed_batch=4, warmup=2,
+                      repeats=10)
     return run_bench(Variant("DiT-B/2", src), [Variant("depth 12->6", depth, recipe="prune_depth uniform 0.5"),
                                                 Variant("width -30% params", width, recipe="prune_width params 0.3")],
-                     cfg, out, console=console)
+                     cfg, out, console=console, extra={"command": "python -m benchmarks.pruning --part speed"})
 
 
 def main() -> None:
@@ -108,11 +107,11 @@ def main() -> None:
     if a.recovery_steps:
         command += f" --recovery-steps {a.recovery_steps}"
     if a.part == "speed":
-        report = speed_part(console, out)
+        speed_part(console, out)
     else:
         model = compress.load_model("reference")
         recipe = load_recipe("prune-depth-half" if a.part == "depth" else "prune-width-30")
-        ctx = PassContext(teacher=model, calibration_config=recipe.defaults.calibration, show_progress=False)
+        ctx = PassContext.for_model(model, recipe.defaults.calibration, show_progress=False)
         variants = []
         if a.part == "depth":
             if a.methods != ",".join(DEPTH_METHODS):
@@ -130,10 +129,7 @@ def main() -> None:
         else:
             variants.append(trained("width-30", recipe_with("prune-width-30", a.recovery_steps), model, ctx, console))
         cfg = BenchConfig(samples=a.samples, steps=REFERENCE_STEPS, cfg_scale=REFERENCE_CFG, speed_batch=64)
-        report = run_bench(Variant("source", model), variants, cfg, out, console=console)
-        report["training"] = {v.name: getattr(v, "passes", None) for v in variants}
-    report["command"] = command
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+        run_bench(Variant("source", model), variants, cfg, out, console=console, extra={"command": command})
 
 
 if __name__ == "__main__":

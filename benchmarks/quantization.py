@@ -18,9 +18,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from benchmarks.harness import BenchConfig, Variant, run_bench
 from compress import apply_recipe, load_model, load_recipe
-from compress.io import atomic_write_text
+from compress.bench import BenchConfig, Variant, run_bench
 from compress.models.reference import REFERENCE_CFG
 from compress.passes import CalibrationConfig, PassContext
 from compress.recipe import parse_recipe, with_defaults
@@ -64,14 +63,13 @@ def _sensitivity_variant(name: str, model, ctx, formats: list[str], budget_forma
     """A ``dit-compress sensitivity`` plan under the size of ``budget_format`` applied uniformly."""
     from compress.sensitivity import measure_sensitivity
 
-    sens = measure_sensitivity(model, formats, calibration=ctx.calibration_config)
+    sens = measure_sensitivity(model, formats, calibration=ctx.calibration.config)
     plan = sens.plan(sens.plan_size(sens.uniform(budget_format)))
     data = sens.recipe(plan, name, f"sensitivity plan at the size of uniform {budget_format}")
-    data["defaults"] = {"calibration": ctx.calibration_config.model_dump()}
+    data["defaults"] = {"calibration": ctx.calibration.config.model_dump()}
     q = apply_recipe(model, parse_recipe(data), ctx=ctx, show_progress=False)
-    v = Variant(name, q, recipe=f"sensitivity plan (budget: uniform {budget_format} size)")
-    v.plan = {f: sum(x == f for x in plan.values()) for f in sens.formats}
-    return v
+    return Variant(name, q, recipe=f"sensitivity plan (budget: uniform {budget_format} size)",
+                   info={"plan": {f: sum(x == f for x in plan.values()) for f in sens.formats}})
 
 
 def _variant(name: str, model, ctx, console) -> Variant | None:
@@ -86,17 +84,18 @@ def _variant(name: str, model, ctx, console) -> Variant | None:
             return None
     elif name == "w8a8-int8-nncf":
         try:
-            import nncf  # noqa: F401
+            from benchmarks.competitors import nncf_int8
+
+            v = Variant(name, nncf_int8(model, ctx), recipe="NNCF nncf.quantize (TRANSFORMER), same layers")
         except ImportError:
             console.print("[yellow]nncf not installed: NNCF row skipped[/]")
             return None
-        v = _recipe_variant(name, model, ctx)
     elif name in SENSITIVITY_PLANS:
         formats, budget = SENSITIVITY_PLANS[name]
         v = _sensitivity_variant(name, model, ctx, formats, budget)
     else:
         v = _recipe_variant(name, model, ctx)
-    v.apply_seconds = round(time.perf_counter() - t0, 1)
+    v.info["apply_seconds"] = round(time.perf_counter() - t0, 1)
     return v
 
 
@@ -114,14 +113,14 @@ def main() -> None:
     console = Console(width=180)
     model = load_model("reference")
     cal = CalibrationConfig(samples=a.calib_samples, steps=a.calib_steps)
-    ctx = PassContext(teacher=model, calibration_config=cal, show_progress=False)
+    ctx = PassContext.for_model(model, cal, show_progress=False)
     variants: list[Variant] = []
     if a.part in ("main", "side-by-side", "others"):
         for name in {"main": MAIN, "side-by-side": SIDE_BY_SIDE, "others": OTHERS}[a.part]:
             v = _variant(name, model, ctx, console)
             if v is not None:
                 variants.append(v)
-                console.print(f"prepared {name} in {v.apply_seconds} s")
+                console.print(f"prepared {name} in {v.info['apply_seconds']} s")
     elif a.part == "ablation":
         for name, spec in ABLATION.items():
             r = parse_recipe({"name": "ablation", "description": name, "passes": [spec],
@@ -131,19 +130,16 @@ def main() -> None:
         for n in (16, 64, 256):
             c = cal.model_copy(update={"samples": n})
             r = with_defaults(load_recipe("w8a8-int8"), calibration=c)
-            own = PassContext(teacher=model, calibration_config=c, show_progress=False)  # its own trajectories
+            own = PassContext.for_model(model, c, show_progress=False)  # its own trajectories
             variants.append(Variant(f"w8a8-int8, {n} calibration images", apply_recipe(model, r, ctx=own,
                                                                                         show_progress=False),
                                     recipe="w8a8-int8"))
     cfg = BenchConfig(samples=a.samples, steps=a.steps, cfg_scale=a.cfg, speed=False, grid=a.part == "main")
     out = a.out / a.part
-    report = run_bench(Variant("source", model), variants, cfg, out, console=console)
-    extra = {v.name: {k: getattr(v, k) for k in ("apply_seconds", "plan") if hasattr(v, k)} for v in variants}
-    report["calibration"] = cal.model_dump()
-    report["apply"] = extra
-    report["command"] = (f"python -m benchmarks.quantization --part {a.part} --samples {a.samples} --steps {a.steps} "
-                         f"--cfg {a.cfg} --calib-samples {a.calib_samples} --calib-steps {a.calib_steps}")
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    command = (f"python -m benchmarks.quantization --part {a.part} --samples {a.samples} --steps {a.steps} "
+               f"--cfg {a.cfg} --calib-samples {a.calib_samples} --calib-steps {a.calib_steps}")
+    run_bench(Variant("source", model), variants, cfg, out, console=console,
+              extra={"calibration": cal.model_dump(), "command": command})
 
 
 if __name__ == "__main__":

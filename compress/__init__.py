@@ -12,7 +12,7 @@ Public API::
 from compress.artifact import load, save
 from compress.errors import DitCompressError
 from compress.models.adapters import get_adapter
-from compress.models.loading import load_model
+from compress.sources import load_model
 from compress.recipe import apply_recipe, load_recipe
 
 __all__ = ["DitCompressError", "apply_recipe", "get_adapter", "load", "load_model", "load_recipe", "save"]

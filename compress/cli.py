@@ -1,4 +1,9 @@
-"""`dit-compress`: every subcommand calls the public API and nothing else."""
+"""`dit-compress`: every subcommand calls the public API and nothing else.
+
+Errors: every expected failure is a ``DitCompressError`` printed as one line naming the file, field or
+option and the fix (exit code 2); anything unexpected prints one line and a hint to rerun with
+``--debug`` for the traceback (exit code 1).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,9 @@ from rich.table import Table
 
 from compress.errors import DitCompressError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Make Diffusion Transformers smaller and faster: compress, export, benchmark.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make Diffusion Transformers smaller and faster: compress, export, benchmark. "
+                       "Add --debug to any command to see a traceback on unexpected errors.")
 console = Console(width=None if sys.stdout.isatty() else 180)
 
 
@@ -49,63 +55,88 @@ def inspect(model: str = typer.Argument(..., help="'reference', a config name, a
 
 
 @app.command()
-def sample(model: str = typer.Argument(..., help="model to sample"),
+def sample(model: str = typer.Argument(..., help="model to sample: any model source, an artifact, or an export dir"),
            classes: str = typer.Option("0-9", help="class labels, e.g. 0-9 or 1,3,5"),
            per_class: int = typer.Option(8, help="samples per class (one row each)"),
-           steps: int = typer.Option(50, help="sampling steps"),
-           cfg: float = typer.Option(None, help="classifier-free guidance scale (default: the model's)"),
-           sampler: str = typer.Option("default", help="ddim | dpm | ddpm (epsilon models), euler (flow models)"),
+           steps: int = typer.Option(None, help="sampling steps (default: the model's sampling contract)"),
+           cfg: float = typer.Option(None, help="classifier-free guidance scale (default: the model's contract)"),
+           sampler: str = typer.Option(None, help="ddim | dpm | ddpm (epsilon models), euler (flow models); "
+                                                  "default: the model's contract"),
            seed: int = typer.Option(0),
            out: Path = typer.Option(Path("grid.png"), help="PNG to write")) -> None:
     """Sample a grid (one row per class) and report transformer calls per image."""
-    from compress import get_adapter, load_model
     from compress.evaluation import generate
-    from compress.models.reference import REFERENCE_CFG
     from compress.viz import save_grid
+    from exporters.runtime import open_runner
 
-    m = load_model(model)
-    adapter = get_adapter(m)
+    _check_file_output(out, ".png")
+    runner = open_runner(model)
+    contract = runner.contract.with_overrides(steps=steps, guidance_scale=cfg, sampler=sampler)
+    if len(contract.latent_shape) != 3:
+        raise DitCompressError(f"{model}: latents of shape {contract.latent_shape} are not images; no grid written.")
     cls = parse_classes(classes)
-    if adapter.num_classes is not None:
-        bad = [c for c in cls if not 0 <= c < adapter.num_classes]
+    if contract.num_classes is not None:
+        bad = [c for c in cls if not 0 <= c < contract.num_classes]
         if bad:
-            raise DitCompressError(f"--classes: {bad} out of range for a model with {adapter.num_classes} classes.")
+            raise DitCompressError(f"--classes: {bad} out of range for a model with {contract.num_classes} classes.")
+    if per_class < 1:
+        raise DitCompressError("--per-class: must be at least 1.")
     n = len(cls) * per_class
     ordered = [c for c in cls for _ in range(per_class)]
-    s = generate(m, n, steps=steps, cfg_scale=cfg if cfg is not None else REFERENCE_CFG, seed=seed,
-                 sampler=sampler, classes=ordered)
-    if len(adapter.latent_shape) != 3:
-        raise DitCompressError(f"{model}: latents of shape {adapter.latent_shape} are not images; no grid written.")
+    s = generate(runner, n, contract=contract, seed=seed, classes=ordered)
+    if not torch_finite(s.images):
+        raise DitCompressError(f"{model}: the samples are not finite (NaN/Inf); the model is broken. No grid written.")
     save_grid(s.images, out, nrow=per_class)
-    console.print(f"wrote {out}: {n} samples, {steps} steps, {s.nfe} transformer evaluations per image, "
-                  f"{s.seconds:.1f} s")
+    console.print(f"wrote {out}: {n} samples, {contract.steps} steps, {s.nfe} transformer evaluations per image, "
+                  f"{s.seconds:.1f} s ({runner.description})")
+
+
+def torch_finite(x) -> bool:
+    import torch
+
+    return bool(torch.isfinite(x).all())
+
+
+def _check_file_output(out: Path, suffix: str | None = None) -> None:
+    """Fail before any work if ``out`` (a file to write) cannot be written."""
+    if out.is_dir():
+        raise DitCompressError(f"{out}: is a directory; give a file name{f' ending in {suffix}' if suffix else ''}.")
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DitCompressError(f"{out}: cannot be created: {probe} is a file, not a directory.")
+    import os
+
+    if not os.access(probe, os.W_OK):
+        raise DitCompressError(f"{out}: cannot be created: {probe} is not writable.")
 
 
 @app.command()
 def apply(recipe: str = typer.Argument(..., help="recipe YAML (or the name of a bundled recipe)"),
           model: str = typer.Option("reference", "--model", help="source model (default: the bundled reference)"),
           out: Path = typer.Option(..., "--out", help="artifact directory to write"),
-          force: bool = typer.Option(False, "--force", help="replace an existing artifact"),
-          workdir: Path = typer.Option(None, "--workdir", help="where training passes write checkpoints "
-                                                                 "(default: OUT.work; removed after success)"),
+          force: bool = typer.Option(False, "--force", help="replace an existing artifact directory (only one "
+                                                            "dit-compress wrote; anything else is refused)"),
+          workdir: Path = typer.Option(None, "--workdir", help="where training passes write checkpoints (default: "
+                                                                 "OUT.work). After success only what this run wrote "
+                                                                 "there is removed"),
           resume: bool = typer.Option(False, "--resume", help="continue training passes from their checkpoints "
                                                               "in the workdir (after a crash or a kill)")) -> None:
     """Apply a recipe to a model and save the artifact (written atomically)."""
-    import shutil
-
     import compress
+    from compress.io import ARTIFACT, WorkDir, check_output_path
 
+    check_output_path(out, (ARTIFACT,), force)  # before any long work
     r = compress.load_recipe(recipe)
-    if out.exists() and not force:
-        raise DitCompressError(f"{out}: already exists; pass --force to replace it.")
     src = compress.load_model(model)
-    work = workdir or out.with_name(out.name + ".work")
+    work = WorkDir(workdir or out.with_name(out.name + ".work"))
     rank = _init_distributed()
     result = compress.apply_recipe(src, r, console=console, workdir=work, resume=resume, show_progress=rank == 0)
     if rank != 0:  # under torchrun every rank trains; rank 0 writes the artifact
         return
     compress.save(result, out, force=force)
-    shutil.rmtree(work, ignore_errors=True)
+    work.finish()
     from compress.models.provenance import provenance
 
     table = Table(title=f"{r.name} on {model}")
@@ -133,6 +164,7 @@ def sensitivity(model: str = typer.Argument(..., help="model to analyse ('refere
     from compress.passes import CalibrationConfig
     from compress.sensitivity import measure_sensitivity, write_recipe
 
+    _check_file_output(out, ".yaml")
     fmts = [f.strip() for f in formats.split(",") if f.strip()]
     if not fmts:
         raise DitCompressError("--formats: give at least one quantization recipe.")
@@ -185,10 +217,14 @@ def export_onnx_cmd(model: str = typer.Argument(..., help="artifact dir or any m
                     ) -> None:
     """Export to ONNX and validate with ONNX Runtime; a failed validation leaves nothing behind."""
     from compress import load_model
+    from compress.io import ONNX_EXPORT, check_output_path
     from exporters.onnx import export_onnx
 
     if opset < 18:
         raise DitCompressError(f"--opset {opset}: the exporter needs opset 18 or newer.")
+    if tolerance is not None and not 0 < tolerance < 1:
+        raise DitCompressError(f"--tolerance {tolerance}: a relative error between 0 and 1.")
+    check_output_path(out, (ONNX_EXPORT,), force)
     export_onnx(load_model(model), out, opset=opset, force=force, tolerance=tolerance, console=console,
                 qdq_activations=qdq_activations, source=_source_id(model))
 
@@ -208,17 +244,19 @@ def export_tensorrt_cmd(source: str = typer.Argument(..., help="an ONNX export d
     """Build a TensorRT engine with the TensorRT Python API (needs the [tensorrt] extra and a GPU)."""
     import tempfile
 
-    from exporters.tensorrt import _require_tensorrt, build_engine
+    from exporters.tensorrt import build_engine, require_tensorrt
 
-    _require_tensorrt()  # fail before any export work when TensorRT is absent
+    require_tensorrt()  # fail before any export work when TensorRT is absent
     try:
         b = tuple(int(v) for v in batch.split(","))
     except ValueError:
         b = ()
     if len(b) != 3:
         raise DitCompressError(f"--batch {batch!r}: expected three integers min,opt,max (e.g. 1,4,16).")
+    from compress.io import ONNX_EXPORT, kind_of
+
     src = Path(source)
-    if not (src / "export.json").is_file():
+    if kind_of(src) is not ONNX_EXPORT:
         from compress import load_model
         from exporters.onnx import export_onnx
 
@@ -278,21 +316,30 @@ def bench(artifacts: list[str] = typer.Argument(None, help="artifact dirs, model
           suite: Path = typer.Option(None, "--suite", help="a suite YAML instead of a list of artifacts"),
           out: Path = typer.Option(Path("out/bench"), "--out", help="report directory"),
           samples: int = typer.Option(500, help="samples per variant for quality"),
-          steps: int = typer.Option(50, help="sampling steps (a variant's manifest may set its own)"),
-          cfg: float = typer.Option(2.0, help="guidance scale"),
+          steps: int = typer.Option(None, help="sampling steps for every variant (default: each one's contract)"),
+          cfg: float = typer.Option(None, help="guidance scale for every variant (default: each one's contract)"),
           repeats: int = typer.Option(20, help="timed repeats per variant (interleaved)"),
           speed_batch: int = typer.Option(8, help="batch for latency timing")) -> None:
     """Compare variants against their source on identical seeds: quality, speed, size; report + Pareto plot."""
-    from benchmarks.harness import BenchConfig, load_suite, run_bench, variant_from_source
+    from pydantic import ValidationError
 
+    from compress.bench import BenchConfig, load_suite, run_bench, variant_from_source
+    from compress.yamlio import describe_errors
+
+    if out.exists() and not out.is_dir():
+        raise DitCompressError(f"--out {out}: is a file; the report goes into a directory.")
+    _check_file_output(out / "report.json")
     if suite is not None:
         base, variants, config = load_suite(suite)
     else:
         if not artifacts:
             raise DitCompressError("bench: give artifact directories to compare, or --suite SUITE.yaml.")
-        base = variant_from_source(baseline)
+        try:
+            config = BenchConfig(samples=samples, steps=steps, cfg_scale=cfg, repeats=repeats, speed_batch=speed_batch)
+        except ValidationError as e:
+            raise DitCompressError(f"bench: {describe_errors(e, {})}.") from None
+        base = variant_from_source(baseline, where="--baseline")
         variants = [variant_from_source(a) for a in artifacts]
-        config = BenchConfig(samples=samples, steps=steps, cfg_scale=cfg, repeats=repeats, speed_batch=speed_batch)
     run_bench(base, variants, config, out, console=console)
 
 
@@ -302,39 +349,64 @@ DEMO_RECIPES = ("int8-weights", "int4-weights-g32", "w8a8-int8", "w4a8-svd")
 @app.command()
 def demo(out: Path = typer.Option(Path("out/demo"), help="where artifacts and the report go"),
          samples: int = typer.Option(500, help="samples per variant for FD / class accuracy / PSNR"),
-         steps: int = typer.Option(50, help="sampling steps"),
          recipes: str = typer.Option(",".join(DEMO_RECIPES), help="comma-separated recipes to apply")) -> None:
     """Apply a few bundled recipes to the reference model, benchmark them against it, print the table."""
     import compress
-    from benchmarks.harness import BenchConfig, Variant, run_bench
-    from compress.models.reference import REFERENCE_CFG, WEIGHTS
+    from compress.bench import BenchConfig, Variant, run_bench, variant_from_source
+
+    if out.exists() and not out.is_dir():
+        raise DitCompressError(f"--out {out}: is a file; the demo writes a directory.")
+    names = [r.strip() for r in recipes.split(",") if r.strip()]
+    for name in names:
+        compress.load_recipe(name)  # every recipe valid before any work
     source = compress.load_model("reference")
     variants = []
-    for name in [r.strip() for r in recipes.split(",") if r.strip()]:
+    for name in names:
         console.print(f"applying [bold]{name}[/] to the reference model")
         art = compress.save(compress.apply_recipe(source, name, console=console), out / "artifacts" / name, force=True)
-        variants.append(Variant(name=name, model=compress.load(art), recipe=name,
-                                size_bytes=(art / "model.safetensors").stat().st_size))
-    base = Variant(name="reference", model=source, size_bytes=WEIGHTS.stat().st_size)
-    config = BenchConfig(samples=samples, steps=steps, cfg_scale=REFERENCE_CFG, repeats=20)
-    run_bench(base, variants, config, out, console=console)
+        variants.append(variant_from_source(str(art), name=name))
+    base = Variant(name="reference", runner=variant_from_source("reference").runner)
+    run_bench(base, variants, BenchConfig(samples=samples, repeats=20), out, console=console)
 
 
 @app.command()
 def quality(samples: int = typer.Option(1000, help="samples for the quality figures"),
-            steps: int = typer.Option(50), out: Path = typer.Option(Path("out/quality"))) -> None:
-    """Sample the bundled reference model and score it against the real digits (FD, class accuracy)."""
+            steps: int = typer.Option(50), out: Path = typer.Option(Path("out/quality")),
+            model: str = typer.Option("reference", help="bundled model: reference or reference-p1")) -> None:
+    """Sample a bundled reference model and score it against the real digits (FD, class accuracy)."""
     from compress.evaluation import reference_quality_report
+    from compress.models.reference import REFERENCES
 
-    reference_quality_report(samples, steps, out, console)
+    if model not in REFERENCES:
+        raise DitCompressError(f"--model {model!r}: choose one of {', '.join(REFERENCES)}.")
+    reference_quality_report(samples, steps, out, console, name=model)
 
 
 def main() -> None:
+    """Entry point: one line per failure, a traceback only with --debug."""
+    argv = sys.argv[1:]
+    debug = "--debug" in argv
+    if debug:
+        sys.argv = [sys.argv[0], *[a for a in argv if a != "--debug"]]
     try:
         app()
     except DitCompressError as e:
+        if debug:
+            raise
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]; outputs are written atomically, nothing half-written was left.",
+                      highlight=False, soft_wrap=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the error boundary: one line, the traceback on request
+        if debug:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        console.print(f"[bold red]error:[/] unexpected {type(e).__name__}: {first}. This input is not checked "
+                      f"by dit-compress (a bug): rerun the same command with --debug for the traceback and report it.",
+                      highlight=False, soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compress.diffusion.sampling import make_noise, sample_batched
-from compress.models.adapters import get_adapter
+from compress.diffusion.sampling import Denoiser, make_noise, resolve, sample_batched
+from compress.models.contract import SamplingContract
 
 
 @dataclass
@@ -26,55 +26,56 @@ def balanced_labels(n: int, num_classes: int, classes: list[int] | None = None) 
     return torch.tensor([classes[i % len(classes)] for i in range(n)], dtype=torch.long)
 
 
-def generate(model: nn.Module, n: int, *, steps: int, cfg_scale: float, seed: int = 0, sampler: str = "default",
-             classes: list[int] | None = None, batch_size: int = 250, denoiser=None,
+def generate(denoiser: nn.Module | Denoiser, n: int, *, contract: SamplingContract | None = None, seed: int = 0,
+             classes: list[int] | None = None, batch_size: int = 250,
              progress: Callable[[int], None] | None = None) -> SampleSet:
-    """``n`` samples from seeded noise; class models get balanced labels, text models seeded embeddings."""
+    """``n`` samples from seeded noise, sampled as ``contract`` (default: the denoiser's own) says.
+
+    Class models get balanced labels, text models seeded embeddings: the same for every variant of a model.
+    """
     import time
 
-    adapter = get_adapter(model)
+    contract = contract or resolve(denoiser)[1]
     gen = torch.Generator().manual_seed(seed + 1)
-    labels = balanced_labels(n, adapter.num_classes, classes) if adapter.num_classes else None
-    cond = adapter.example_cond(n, gen, labels=labels)
-    noise = make_noise(n, adapter.latent_shape, seed)
+    labels = balanced_labels(n, contract.num_classes, classes) if contract.num_classes else None
+    cond = contract.example_cond(n, gen, labels=labels)
+    noise = make_noise(n, tuple(contract.latent_shape), seed)
     t0 = time.perf_counter()
-    r = sample_batched(adapter, cond, noise, steps=steps, cfg_scale=cfg_scale, sampler=sampler, seed=seed,
-                       batch_size=batch_size, denoiser=denoiser, progress=progress)
+    r = sample_batched(denoiser, cond, noise, contract=contract, seed=seed, batch_size=batch_size, progress=progress)
     return SampleSet(r.samples, labels, r.nfe, time.perf_counter() - t0)
 
 
 def reference_quality_report(n: int, steps: int, out_dir, console=None, model: nn.Module | None = None,
-                             cfg_scale: float | None = None, seed: int = 0) -> dict:
-    """Sample the reference model (or ``model``) and score it against the real digits.
+                             cfg_scale: float | None = None, seed: int = 0, name: str = "reference") -> dict:
+    """Sample a bundled reference model (``name``, or ``model``) and score it against the real digits.
 
     Writes ``quality.json`` and ``grid.png`` (one row per class) into ``out_dir``; returns the figures.
     """
     import json
-    import os
-    import platform
     from pathlib import Path
 
     from rich.progress import Progress
 
+    from compress.machine import machine_info
     from compress.metrics import real_halves_fd, reference_quality
-    from compress.models.loading import load_model
-    from compress.models.reference import REFERENCE_CFG
+    from compress.models.adapters import get_adapter
+    from compress.sources import load_model
     from compress.viz import save_grid
 
-    model = model if model is not None else load_model("reference")
-    cfg_scale = REFERENCE_CFG if cfg_scale is None else cfg_scale
+    model = model if model is not None else load_model(name)
+    contract = get_adapter(model).contract().with_overrides(steps=steps, guidance_scale=cfg_scale)
+    cfg_scale = contract.guidance_scale
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"sampling {n} digits x {steps} steps", total=n)
-        s = generate(model, n, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                     progress=lambda k: bar.advance(task, k))
+        s = generate(model, n, contract=contract, seed=seed, progress=lambda k: bar.advance(task, k))
     q = reference_quality(s.images, s.labels)
     floor = real_halves_fd()
     report = {
-        "samples": n, "steps": steps, "cfg_scale": cfg_scale, "sampler": "ddim", "seed": seed,
+        "model": name, "samples": n, "steps": steps, "cfg_scale": cfg_scale, "sampler": "ddim", "seed": seed,
         "fd": round(q["fd"], 4), "class_acc": round(q["class_acc"], 4),
         "real_halves_fd": round(floor, 4), "fd_over_real_halves": round(q["fd"] / floor, 3),
         "nfe_per_image": s.nfe, "sampling_seconds": round(s.seconds, 1),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}",
+        "machine": machine_info()["summary"],
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +85,7 @@ def reference_quality_report(n: int, steps: int, out_dir, console=None, model: n
     if console is not None:
         from rich.table import Table
 
-        t = Table(title=f"reference DiT, {n} samples, {steps} DDIM steps, CFG {cfg_scale}")
+        t = Table(title=f"{name} DiT, {n} samples, {steps} DDIM steps, CFG {cfg_scale}")
         for col in ("FD", "real-halves FD", "FD / floor", "class acc", "NFE/img", "seconds"):
             t.add_column(col, justify="right")
         t.add_row(f"{q['fd']:.3f}", f"{floor:.3f}", f"{q['fd'] / floor:.2f}x", f"{q['class_acc']:.2%}",

@@ -7,26 +7,31 @@
       - pass: quantize
         weights: {dtype: int8}
 
-Every error names the file, the pass (by position and name), the field and what was expected.
+Every error names the file, the pass (by position and name), the field and what was expected. Recipes
+are read strictly (``compress.yamlio``): duplicate keys, booleans where numbers belong and pass orders
+that cannot work are refused before any work starts.
 """
 
 from __future__ import annotations
 
 import copy
-import re
 import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.console import Console
 from torch import nn
 
+from compress.checks import check_finite
 from compress.errors import DitCompressError
+from compress.io import WorkDir
 from compress.models.provenance import provenance
+from compress.models.size import param_count, state_bytes
 from compress.passes import PASSES, CalibrationConfig, PassContext
+from compress.yamlio import read_yaml, validate
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -36,7 +41,7 @@ class RecipeDefaults(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    seed: int = Field(0, ge=0, description="Seed for calibration noise, labels and any sampling.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for calibration noise, labels and any sampling.")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="Where passes run.")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig,
                                            description="Calibration trajectories shared by all passes.")
@@ -53,10 +58,24 @@ def recipe_model() -> type[BaseModel]:
 
         model_config = ConfigDict(extra="forbid")
 
-        name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Short identifier.")
+        name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=200,
+                          description="Short identifier.")
         description: str = Field(..., min_length=1, description="One line: the trade-off this recipe makes.")
         defaults: RecipeDefaults = Field(default_factory=RecipeDefaults, description="Shared settings.")
-        passes: list[PassUnion] = Field(..., min_length=1, description="Passes, applied in order.")
+        passes: list[PassUnion] = Field(..., min_length=1, max_length=100, description="Passes, applied in order.")
+
+        @model_validator(mode="after")
+        def _order(self):
+            quantized = None
+            for i, p in enumerate(self.passes):
+                if getattr(type(p), "changes_structure", False) and quantized is not None:
+                    raise ValueError(
+                        f"passes: pass #{i + 1} ('{p.pass_}') cannot run after pass #{quantized + 1} "
+                        f"('{self.passes[quantized].pass_}'): pruning reshapes Linear layers, and the quantized "
+                        f"layers that pass left are no longer Linear layers. Put pruning before quantization")
+                if getattr(type(p), "replaces_linears", False) and quantized is None:
+                    quantized = i
+            return self
 
     return Recipe
 
@@ -66,64 +85,19 @@ def recipe_schema() -> dict:
     return recipe_model().model_json_schema(by_alias=True)
 
 
-def _describe(err: dict, data: dict) -> str:
-    loc = list(err["loc"])
-    where = ""
-    if len(loc) >= 2 and loc[0] == "passes" and isinstance(loc[1], int):
-        idx = loc[1]
-        item = data.get("passes", [])[idx] if isinstance(data.get("passes"), list) else None
-        pname = item.get("pass") if isinstance(item, dict) else None
-        where = f"pass #{idx + 1}" + (f" ('{pname}')" if pname else "")
-        loc = loc[2:]
-        if loc and loc[0] == pname:  # the union tag pydantic inserts
-            loc = loc[1:]
-    field = ".".join(str(p) for p in loc)
-    typ, msg = err["type"], err["msg"]
-    if typ == "union_tag_invalid":
-        tag = err.get("input", {}).get("pass") if isinstance(err.get("input"), dict) else None
-        return f"{where}: unknown pass {tag!r}; known passes: {', '.join(sorted(PASSES))}"
-    if typ == "union_tag_not_found":
-        return f"{where}: missing 'pass:' key naming the pass (one of {', '.join(sorted(PASSES))})"
-    if typ == "extra_forbidden":
-        return f"{where + ', ' if where else ''}field '{field}': unknown field (not part of this {'pass' if where else 'recipe'})"
-    if typ == "value_error" and not field:  # a config validator: its message starts with the field it is about
-        m = re.match(r"Value error, ([\w.]+): (.*)", msg, re.S)
-        if m:
-            field, msg = m.group(1), m.group(2)
-            return f"{where + ', ' if where else ''}field '{field}': {msg}"
-    got = err.get("input")
-    got_s = f" (got {got!r})" if not isinstance(got, dict | list) and got is not None else ""
-    return f"{where + ', ' if where else ''}field '{field or '<root>'}': {msg}{got_s}"
-
-
 def parse_recipe(data, source: str = "<recipe>"):
     """Validate a recipe dict; errors name the source, pass, field and expectation."""
-    if not isinstance(data, dict):
-        raise DitCompressError(f"{source}: a recipe must be a YAML mapping with name, description and passes; "
-                               f"found {type(data).__name__}.")
-    try:
-        return recipe_model().model_validate(data)
-    except ValidationError as e:
-        problems = "; ".join(_describe(err, data) for err in e.errors())
-        raise DitCompressError(f"{source}: invalid recipe: {problems}.") from None
+    return validate(recipe_model(), data, source, "recipe", tags=sorted(PASSES))
 
 
 def load_recipe(path: str | Path):
     """Read and validate a recipe YAML file (a bundled recipe may be named without its path)."""
     p = Path(path)
-    if not p.exists() and (RECIPES_DIR / f"{path}.yaml").exists():
+    if not p.exists() and "/" not in str(path) and (RECIPES_DIR / f"{path}.yaml").exists():
         p = RECIPES_DIR / f"{path}.yaml"
     if not p.is_file():
         raise DitCompressError(f"{p}: recipe file not found (bundled recipes: {', '.join(bundled_recipes())}).")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise DitCompressError(f"{p}: not valid YAML{at}: {getattr(e, 'problem', None) or e}.") from None
-    except UnicodeDecodeError:
-        raise DitCompressError(f"{p}: not a text file.") from None
-    return parse_recipe(data, str(p))
+    return parse_recipe(read_yaml(p, "recipe"), str(p))
 
 
 def bundled_recipes() -> dict[str, str]:
@@ -137,53 +111,56 @@ def bundled_recipes() -> dict[str, str]:
     return out
 
 
-def state_bytes(model: nn.Module) -> int:
-    """Bytes of everything a model's state dict holds (parameters and buffers, packed ones included)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
 def with_defaults(recipe, **fields):
     """A copy of a parsed recipe with some ``defaults`` fields replaced (e.g. ``calibration=...``)."""
     return recipe.model_copy(update={"defaults": recipe.defaults.model_copy(update=fields)})
 
 
 def apply_recipe(model: nn.Module, recipe, *, console: Console | None = None, show_progress: bool = True,
-                 ctx: PassContext | None = None, workdir: str | Path | None = None, resume: bool = False) -> nn.Module:
+                 ctx: PassContext | None = None, workdir: str | Path | WorkDir | None = None,
+                 resume: bool = False) -> nn.Module:
     """Apply ``recipe`` (a path, a bundled name, a dict or a parsed Recipe) to a copy of ``model``.
 
-    ``model`` itself is left untouched and serves as the frozen teacher. The result carries its
-    provenance (source, recipe, per-pass log, structural edits) for ``compress.save``. A ``ctx`` passed in
-    is shared across calls (its recorded calibration trajectories are reused) and its calibration settings
-    take the place of the recipe's ``defaults.calibration``; a pass's own ``calibration`` still wins.
-    Training passes checkpoint under ``workdir`` and, with ``resume``, continue from those checkpoints.
+    ``model`` itself is left untouched and serves as the frozen teacher; it is checked first (a source
+    with NaN outputs is reported as such). The result carries its provenance (source, recipe, per-pass log,
+    structural edits, sampling contract) for ``compress.save``. A ``ctx`` passed in is shared across calls
+    (its recorded calibration trajectories are reused) and its calibration settings take the place of the
+    recipe's ``defaults.calibration``; a pass's own ``calibration`` still wins. Training passes checkpoint
+    under ``workdir`` and, with ``resume``, continue from those checkpoints.
     """
     if isinstance(recipe, str | Path):
         recipe = load_recipe(recipe)
     elif isinstance(recipe, dict):
         recipe = parse_recipe(recipe)
-    provenance(model)  # make sure the source has a record before copying
-    teacher = model.eval().requires_grad_(False)
     d = recipe.defaults
-    student = copy.deepcopy(teacher).to(d.device)
-    ctx = ctx or PassContext(teacher=teacher.to(d.device), calibration_config=d.calibration, device=d.device,
-                             seed=d.seed, console=console, show_progress=show_progress)
+    if d.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DitCompressError(f"recipe '{recipe.name}', field 'defaults.device': {d.device!r} but this machine has "
+                               f"no CUDA device; use 'cpu'.")
+    provenance(model)  # make sure the source has a record before copying
+    teacher = model.eval().requires_grad_(False).to(d.device)
+    ctx = ctx or PassContext.for_model(teacher, d.calibration, seed=d.seed, device=d.device, console=console,
+                                       show_progress=show_progress)
     if workdir is not None:
-        ctx.workdir, ctx.resume = Path(workdir), resume
+        ctx.run.workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
+        ctx.run.resume = resume
+    check_finite(teacher, "the source model", seed=ctx.run.seed, device=d.device)
+    student = copy.deepcopy(teacher)
     rec = provenance(student)
     rec["recipe"] = recipe.model_dump(mode="json", by_alias=True)
     for i, cfg in enumerate(recipe.passes):
         spec = PASSES[cfg.pass_]
-        before_p, before_b = sum(p.numel() for p in student.parameters()), state_bytes(student)
-        ctx.notes, ctx.pass_index = [], i
+        before_p, before_b = param_count(student), state_bytes(student)
+        ctx.run.notes, ctx.run.pass_index = [], i
         t0 = time.perf_counter()
         student = spec.apply(student, cfg, ctx)
         student.eval()
-        ctx.check_finite(student, f"#{i + 1} {cfg.pass_}")
+        check_finite(student, f"pass #{i + 1} '{cfg.pass_}'", rows=list(ctx.calibration.cache.values()),
+                     seed=ctx.run.seed, device=d.device)
         rec = provenance(student)
         rec["passes"].append({
             "pass": cfg.pass_, "config": cfg.model_dump(mode="json", by_alias=True),
-            "params_before": before_p, "params_after": sum(p.numel() for p in student.parameters()),
+            "params_before": before_p, "params_after": param_count(student),
             "bytes_before": before_b, "bytes_after": state_bytes(student),
-            "seconds": round(time.perf_counter() - t0, 3), "notes": list(ctx.notes),
+            "seconds": round(time.perf_counter() - t0, 3), "notes": list(ctx.run.notes),
         })
     return student.requires_grad_(False)

@@ -19,9 +19,9 @@ from torch import nn
 
 from compress.errors import DitCompressError
 from compress.models.adapters import get_adapter
-from compress.nn.quant import track_timesteps
+from compress.models.size import state_bytes
 from compress.passes import CalibrationConfig, PassContext
-from compress.recipe import apply_recipe, load_recipe, state_bytes
+from compress.recipe import apply_recipe, load_recipe
 
 FULL = "fp32"
 
@@ -77,8 +77,8 @@ class Sensitivity:
 def measure_sensitivity(model: nn.Module, formats: list[str], *, calibration: CalibrationConfig | None = None,
                         eval_rows: int = 64, seed: int = 0, console=None) -> Sensitivity:
     """Quantize each block Linear alone in every format of ``formats`` (recipe names or paths)."""
-    ctx = PassContext(teacher=model, calibration_config=calibration or CalibrationConfig(), seed=seed,
-                      console=console)
+    ctx = PassContext.for_model(model, calibration or CalibrationConfig(), seed=seed, console=console,
+                                show_progress=console is not None)
     quantized, pass_configs = {}, {}
     for f in formats:
         r = load_recipe(f)
@@ -95,15 +95,14 @@ def measure_sensitivity(model: nn.Module, formats: list[str], *, calibration: Ca
     if not layers:
         raise DitCompressError("sensitivity: the formats quantize no common layer.")
     work = copy.deepcopy(model).eval()
-    track_timesteps(work)
     adapter = get_adapter(work)
-    rows = ctx.calibration().spread(eval_rows)
+    rows = ctx.calibration.rows().spread(eval_rows)
     x, t, cond = rows.x, rows.t, rows.cond
     ref = adapter.forward(x, t, cond)
     denom = ref.pow(2).mean().clamp_min(1e-20)
     error = {n: {FULL: 0.0} for n in layers}
     size = {n: {FULL: state_bytes(model.get_submodule(n))} for n in layers}
-    with ctx.progress("measuring per-layer sensitivity", len(layers) * len(formats)) as advance:
+    with ctx.run.progress("measuring per-layer sensitivity", len(layers) * len(formats)) as advance:
         for n in layers:
             orig = work.get_submodule(n)
             parent, _, attr = n.rpartition(".")

@@ -13,10 +13,14 @@ calibration data, both CFG branches: what the student will actually see when it 
 is the trajectories' end points (or the user's real data) forward-noised at uniform timesteps, so
 every timestep is covered and the diffusion loss has a target.
 
-Checkpoints every ``checkpoint_every`` steps under ``ctx.workdir`` (atomic writes); with
-``ctx.resume`` a killed run continues from its last checkpoint, data order included. Under
-``torchrun`` (an initialised process group) the student is wrapped in DDP, each rank draws its own
-data and rank 0 writes the checkpoints.
+Checkpoints every ``checkpoint_every`` steps under the run's work directory (atomic writes); with
+``resume`` a killed run continues from its last checkpoint, data order included. Under ``torchrun`` (an
+initialised process group) the student is wrapped in DDP, each rank draws its own data and rank 0
+writes the checkpoints.
+
+``Trainer`` is the loop; training passes subclass it and override its named hooks
+(``param_groups``, ``extra_module``, ``before_step``, ``losses``, ``extra_loss``, ``extra_state``) instead
+of writing another loop.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from __future__ import annotations
 import io
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -34,14 +37,16 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from compress.calibration import CalibrationConfig, CalibrationSource
+from compress.context import RunContext
 from compress.diffusion.sampling import cat_cond, slice_cond
 from compress.diffusion.schedules import training_scheduler
 from compress.errors import DitCompressError
 from compress.io import atomic_write_bytes
 from compress.models.adapters import Cond, ModelAdapter, get_adapter
 from compress.models.adapters.base import block_hidden
+from compress.models.contract import SamplingContract
 from compress.models.provenance import provenance
-from compress.passes.context import CalibrationConfig, PassContext
 
 
 class LossWeights(BaseModel):
@@ -149,14 +154,14 @@ def masked_feature_loss(student: torch.Tensor, teacher: torch.Tensor, k: float) 
 class TrainingBatches:
     """Draws training batches: trajectory rows plus forward-noised clean data (teacher samples or real)."""
 
-    def __init__(self, ctx: PassContext, cfg: TrainingData, adapter: ModelAdapter):
-        self.adapter, self.cfg = adapter, cfg
-        self.traj = ctx.calibration(cfg.trajectories)
+    def __init__(self, source: CalibrationSource, cfg: TrainingData, contract: SamplingContract):
+        self.contract, self.cfg = contract, cfg
+        self.traj = source.rows(cfg.trajectories)
         if cfg.real is not None:
-            self.x0, self.cond0 = _load_real(Path(cfg.real), adapter)
+            self.x0, self.cond0 = _load_real(Path(cfg.real), contract)
         else:
             self.x0, self.cond0 = self.traj.final, self.traj.final_cond
-        self.flow = adapter.prediction == "flow"
+        self.flow = contract.prediction == "flow"
         self.alphas = training_scheduler().alphas_cumprod.float()
 
     def draw(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Cond, torch.Tensor, int]:
@@ -182,7 +187,7 @@ class TrainingBatches:
                 a = self.alphas[t].reshape(shape)
                 xt, target, t = a.sqrt() * x0 + (1 - a).sqrt() * noise, noise, t.float()
             drop = torch.rand(n_fwd, generator=gen) < self.cfg.uncond_prob
-            null = self.adapter.null_cond(cond)
+            null = self.contract.null_cond(cond)
             cond = {k: torch.where(drop.reshape((-1,) + (1,) * (v.dim() - 1)), null[k], v)
                     if v.dim() and v.shape[0] == n_fwd else v for k, v in cond.items()}
             parts.append((xt, t, cond))
@@ -192,7 +197,7 @@ class TrainingBatches:
         return x, t, cond, target, n_traj
 
 
-def _load_real(path: Path, adapter: ModelAdapter) -> tuple[torch.Tensor, Cond]:
+def _load_real(path: Path, contract: SamplingContract) -> tuple[torch.Tensor, Cond]:
     from safetensors.torch import load_file
 
     if not path.is_file():
@@ -204,14 +209,26 @@ def _load_real(path: Path, adapter: ModelAdapter) -> tuple[torch.Tensor, Cond]:
     if "latents" not in data:
         raise DitCompressError(f"training data.real: {path} has no 'latents' tensor (found {', '.join(data)}).")
     x0 = data.pop("latents").float()
-    if tuple(x0.shape[1:]) != tuple(adapter.latent_shape):
+    if tuple(x0.shape[1:]) != tuple(contract.latent_shape):
         raise DitCompressError(f"training data.real: {path} latents have shape {tuple(x0.shape[1:])}; the model "
-                               f"expects {tuple(adapter.latent_shape)}.")
-    want = set(adapter.example_cond(1))
+                               f"expects {tuple(contract.latent_shape)}.")
+    want = {c.name for c in contract.conditions}
     if set(data) != want:
         raise DitCompressError(f"training data.real: {path} has conditions {sorted(data)}; the model needs "
                                f"{sorted(want)}.")
+    if not len(x0) or not torch.isfinite(x0).all():
+        raise DitCompressError(f"training data.real: {path} latents are empty or hold NaN/Inf values.")
+    for c in contract.conditions:
+        v = data[c.name]
+        if v.dim() == 0 or v.shape[0] != len(x0):
+            raise DitCompressError(f"training data.real: {path} condition '{c.name}' has {tuple(v.shape)}; it needs "
+                                   f"one entry per latent ({len(x0)}).")
+        if c.kind == "label" and (v.is_floating_point() or int(v.min()) < 0 or int(v.max()) >= (c.num_classes or 0)):
+            raise DitCompressError(f"training data.real: {path} labels '{c.name}' must be integers in "
+                                   f"0..{(c.num_classes or 1) - 1}.")
     return x0, data
+
+
 
 
 class _Trainee(nn.Module):
@@ -226,132 +243,171 @@ class _Trainee(nn.Module):
         return self.adapter.forward(x, t, cond)
 
 
-def _lr_factor(cfg: TrainingConfig, step: int) -> float:
+def lr_factor(cfg: TrainingConfig, step: int) -> float:
+    """Linear warm-up, then constant or cosine decay to zero at ``cfg.steps``."""
     f = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
     if cfg.schedule == "cosine":
         f *= 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
     return f
 
 
-def distill(student: nn.Module, teacher: nn.Module, cfg: TrainingConfig, ctx: PassContext, *, tag: str,
-            extra: nn.Module | None = None, param_groups: list[dict] | None = None,
-            before_step: Callable[[int], None] | None = None,
-            extra_loss: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
-    """Train ``student`` toward ``teacher``; returns the student (its EMA weights if ``cfg.ema``).
+class Trainer:
+    """Train ``student`` toward the frozen ``teacher``: the loop every training pass shares.
 
-    ``extra`` holds additional trainable state (e.g. LoRA factors and selection logits) that is
-    checkpointed with the run; ``param_groups`` replaces the default (every student parameter at
-    ``cfg.lr``); ``before_step(step)`` runs before each step's forward (temperature annealing, mask
-    sampling); ``extra_loss(losses, loss)`` adds a term computed from the step's losses (e.g. a
-    score-function gradient for discrete choices). Checkpoints go to ``ctx.workdir / f"{tag}.pt"``.
+    ``run()`` returns the student (its EMA weights if ``cfg.ema``). Subclasses change what is trained
+    and how through the hooks below; the loop itself (batches, optimiser, clipping, EMA, atomic
+    checkpoints and exact resume, DDP) stays here.
     """
-    rank, world = _dist()
-    device = ctx.device
-    adapter_t = get_adapter(teacher)
-    batches = TrainingBatches(ctx, cfg.data, adapter_t)
-    trainee = _Trainee(student, extra).to(device)
-    groups = param_groups or [{"params": [p for p in student.parameters()], "lr": cfg.lr}]
-    for g in groups:
-        g.setdefault("lr", cfg.lr)
-        g["base_lr"] = g["lr"]
-    trainable = {id(p) for g in groups for p in g["params"]}
-    for p in trainee.parameters():
-        p.requires_grad_(id(p) in trainable)
-    student.eval()  # no label dropout etc.: the conditioning dropout is ours (uncond_prob), seeded
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = None
-    if cfg.ema is not None:
-        ema = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
-    gen = torch.Generator().manual_seed((cfg.seed if cfg.seed is not None else ctx.seed) * 1000 + rank)
-    ckpt = Path(ctx.workdir) / f"{tag}.pt" if ctx.workdir is not None else None
-    cfg_key = cfg.model_dump_json()
-    start = 0
-    if ckpt is not None and ctx.resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=True, map_location=device)
-        if state["config"] != cfg_key:
-            raise DitCompressError(f"{ckpt}: this checkpoint was written with different training settings; delete it "
-                                   f"(or the work directory) to start over, or resume with the recipe that wrote it.")
-        student.load_state_dict(state["student"])
-        if extra is not None:
-            extra.load_state_dict(state["extra"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        if ema is not None:
-            ema = state["ema"]
-        start = int(state["step"])
-        ctx.note(f"{tag}: resumed from {ckpt} at step {start}")
-    model = trainee
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(trainee, find_unused_parameters=extra is not None)
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: TrainingConfig, run: RunContext,
+                 source: CalibrationSource, tag: str):
+        self.student, self.teacher, self.cfg, self.run_ctx, self.source, self.tag = (
+            student, teacher, cfg, run, source, tag)
+        self.rank, self.world = _dist()
+        self.device = run.device
+        self.teacher_adapter = get_adapter(teacher)
 
-    w = cfg.loss
-    use_features = w.features > 0
-    origins = block_origins(student, teacher) if use_features else {}
-    hooks_t = _BlockOutputs(adapter_t) if use_features else None
-    hooks_s = _BlockOutputs(trainee.adapter) if use_features else None
-    t0, logged = time.perf_counter(), {"output": 0.0, "features": 0.0, "diffusion": 0.0, "n": 0}
-    try:
-        with ctx.progress(f"{tag}: training", cfg.steps) as advance:
-            advance(start)
-            for step in range(start, cfg.steps):
-                for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * _lr_factor(cfg, step)
-                if before_step is not None:
-                    before_step(step)
-                x, t, cond, target, n_traj = batches.draw(cfg.batch_size, gen)
-                x, t = x.to(device), t.to(device)
-                cond = {k: v.to(device) for k, v in cond.items()}
-                with torch.no_grad():
-                    out_t = adapter_t.forward(x, t, cond)
-                out_s = model(x, t, cond)
-                losses = {"output": F.mse_loss(out_s, out_t) if w.output else out_s.new_zeros(())}
-                losses["diffusion"] = (F.mse_loss(out_s[n_traj:], target.to(device))
-                                       if w.diffusion and len(target) else out_s.new_zeros(()))
-                feat = out_s.new_zeros(())
-                if use_features:
-                    pairs = [(hooks_s.outputs[(k, i)], hooks_t.outputs[(k, o)])
-                             for k, origin in origins.items() for i, o in enumerate(origin)]
-                    feat = sum(masked_feature_loss(s, t_, cfg.feature_mask) for s, t_ in pairs) / max(len(pairs), 1)
-                losses["features"] = feat
-                loss = w.output * losses["output"] + w.features * losses["features"] + w.diffusion * losses["diffusion"]
-                total = loss + extra_loss(losses, loss) if extra_loss is not None else loss
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
-                opt.step()
-                if ema is not None:
+    # -- hooks -----------------------------------------------------------------------------------------
+    def extra_module(self) -> nn.Module | None:
+        """Trainable state besides the student (e.g. LoRA factors, selection logits); checkpointed with it."""
+        return None
+
+    def param_groups(self) -> list[dict]:
+        """Optimiser parameter groups (default: every student parameter at ``cfg.lr``)."""
+        return [{"params": list(self.student.parameters()), "lr": self.cfg.lr}]
+
+    def before_step(self, step: int) -> None:
+        """Runs before each step's forward (temperature annealing, mask sampling)."""
+
+    def losses(self, out_s: torch.Tensor, out_t: torch.Tensor, target: torch.Tensor, n_traj: int,
+               features: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The named loss terms of one step (weighted by ``cfg.loss``): output KD, feature KD, diffusion."""
+        w = self.cfg.loss
+        zero = out_s.new_zeros(())
+        return {"output": F.mse_loss(out_s, out_t) if w.output else zero,
+                "features": (sum(masked_feature_loss(s, t, self.cfg.feature_mask) for s, t in features)
+                             / max(len(features), 1)) if features else zero,
+                "diffusion": F.mse_loss(out_s[n_traj:], target.to(out_s.device)) if w.diffusion and len(target)
+                else zero}
+
+    def extra_loss(self, losses: dict[str, torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+        """A term added to the weighted loss, computed from the step's losses (e.g. a score-function gradient)."""
+        return loss.new_zeros(())
+
+    def extra_state(self) -> dict:
+        """Further state to checkpoint (beyond student, extra module, optimiser, EMA, data generator)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Inverse of ``extra_state`` on resume."""
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def run(self) -> nn.Module:
+        cfg, run, student = self.cfg, self.run_ctx, self.student
+        rank, world, device = self.rank, self.world, self.device
+        adapter_t = self.teacher_adapter
+        batches = TrainingBatches(self.source, cfg.data, adapter_t.contract())
+        extra = self.extra_module()
+        trainee = _Trainee(student, extra).to(device)
+        groups = self.param_groups()
+        for g in groups:
+            g.setdefault("lr", cfg.lr)
+            g["base_lr"] = g["lr"]
+        trainable = {id(p) for g in groups for p in g["params"]}
+        for p in trainee.parameters():
+            p.requires_grad_(id(p) in trainable)
+        student.eval()  # no label dropout etc.: the conditioning dropout is ours (uncond_prob), seeded
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        ema = None
+        if cfg.ema is not None:
+            ema = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+        gen = torch.Generator().manual_seed((cfg.seed if cfg.seed is not None else run.seed) * 1000 + rank)
+        ckpt = run.workdir.file(f"{self.tag}.pt") if run.workdir is not None else None
+        cfg_key = cfg.model_dump_json()
+        start = 0
+        if ckpt is not None and run.resume and ckpt.exists():
+            state = torch.load(ckpt, weights_only=True, map_location=device)
+            if state.get("tag") != self.tag or state.get("config") != cfg_key:
+                raise DitCompressError(
+                    f"{ckpt}: this checkpoint was written by another training run (pass or settings differ: "
+                    f"{state.get('tag')!r}); resume with the recipe that wrote it, or delete the work directory to "
+                    f"start over.")
+            student.load_state_dict(state["student"])
+            if extra is not None:
+                extra.load_state_dict(state["extra"])
+            opt.load_state_dict(state["opt"])
+            gen.set_state(state["gen"])
+            if ema is not None:
+                ema = state["ema"]
+            self.load_extra_state(state.get("hooks") or {})
+            start = int(state["step"])
+            run.note(f"{self.tag}: resumed from {ckpt} at step {start}")
+        model = trainee
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(trainee, find_unused_parameters=extra is not None)
+
+        w = cfg.loss
+        use_features = w.features > 0
+        origins = block_origins(student, self.teacher) if use_features else {}
+        hooks_t = _BlockOutputs(adapter_t) if use_features else None
+        hooks_s = _BlockOutputs(trainee.adapter) if use_features else None
+        t0, logged = time.perf_counter(), {"output": 0.0, "features": 0.0, "diffusion": 0.0, "n": 0}
+        try:
+            with run.progress(f"{self.tag}: training", cfg.steps) as advance:
+                advance(start)
+                for step in range(start, cfg.steps):
+                    for g in opt.param_groups:
+                        g["lr"] = g["base_lr"] * lr_factor(cfg, step)
+                    self.before_step(step)
+                    x, t, cond, target, n_traj = batches.draw(cfg.batch_size, gen)
+                    x, t = x.to(device), t.to(device)
+                    cond = {k: v.to(device) for k, v in cond.items()}
                     with torch.no_grad():
-                        for n, p in student.named_parameters():
-                            if n in ema:
-                                ema[n].lerp_(p.detach(), 1 - cfg.ema)
-                for k in ("output", "features", "diffusion"):
-                    logged[k] += float(losses[k].detach())
-                logged["n"] += 1
-                advance(1, info=f"loss {float(loss.detach()):.4f}")
-                done = step + 1
-                if ckpt is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-                    if rank == 0:
-                        buf = io.BytesIO()
-                        torch.save({"step": done, "student": student.state_dict(), "opt": opt.state_dict(),
-                                    "extra": extra.state_dict() if extra is not None else None, "ema": ema,
-                                    "gen": gen.get_state(), "config": cfg_key, "tag": tag}, buf)
-                        atomic_write_bytes(ckpt, buf.getvalue())
-                    if world > 1:
-                        dist.barrier()
-    finally:
-        for h in (hooks_t, hooks_s):
-            if h is not None:
-                h.remove()
-    if ema is not None:
-        with torch.no_grad():
-            for n, p in student.named_parameters():
-                if n in ema:
-                    p.copy_(ema[n])
-    n = max(logged["n"], 1)
-    ctx.note(f"{tag}: {cfg.steps - start} steps in {time.perf_counter() - t0:.0f} s (batch {cfg.batch_size} x "
-             f"{world} rank(s)); mean losses output {logged['output'] / n:.4g}, features "
-             f"{logged['features'] / n:.4g}, diffusion {logged['diffusion'] / n:.4g}")
-    student.requires_grad_(False)
-    return student
+                        out_t = adapter_t.forward(x, t, cond)
+                    out_s = model(x, t, cond)
+                    pairs = [(hooks_s.outputs[(k, i)], hooks_t.outputs[(k, o)])
+                             for k, origin in origins.items() for i, o in enumerate(origin)] if use_features else []
+                    losses = self.losses(out_s, out_t, target, n_traj, pairs)
+                    loss = sum(getattr(w, k) * v for k, v in losses.items())
+                    total = loss + self.extra_loss(losses, loss)
+                    opt.zero_grad(set_to_none=True)
+                    total.backward()
+                    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+                    opt.step()
+                    if ema is not None:
+                        with torch.no_grad():
+                            for n, p in student.named_parameters():
+                                if n in ema:
+                                    ema[n].lerp_(p.detach(), 1 - cfg.ema)
+                    for k in ("output", "features", "diffusion"):
+                        logged[k] += float(losses[k].detach())
+                    logged["n"] += 1
+                    advance(1, info=f"loss {float(loss.detach()):.4f}")
+                    done = step + 1
+                    if ckpt is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                        if rank == 0:
+                            buf = io.BytesIO()
+                            torch.save({"step": done, "student": student.state_dict(), "opt": opt.state_dict(),
+                                        "extra": extra.state_dict() if extra is not None else None, "ema": ema,
+                                        "gen": gen.get_state(), "config": cfg_key, "tag": self.tag,
+                                        "hooks": self.extra_state()}, buf)
+                            atomic_write_bytes(ckpt, buf.getvalue())
+                        if world > 1:
+                            dist.barrier()
+        finally:
+            for h in (hooks_t, hooks_s):
+                if h is not None:
+                    h.remove()
+        if ema is not None:
+            with torch.no_grad():
+                for n, p in student.named_parameters():
+                    if n in ema:
+                        p.copy_(ema[n])
+        n = max(logged["n"], 1)
+        run.note(f"{self.tag}: {cfg.steps - start} steps in {time.perf_counter() - t0:.0f} s (batch {cfg.batch_size} "
+                 f"x {world} rank(s)); mean losses output {logged['output'] / n:.4g}, features "
+                 f"{logged['features'] / n:.4g}, diffusion {logged['diffusion'] / n:.4g}")
+        student.requires_grad_(False)
+        return student

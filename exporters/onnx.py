@@ -8,8 +8,12 @@ models), every one with a dynamic batch axis; CFG batching is left to the caller
 external-data file, so models over the 2 GB protobuf limit export too.
 
 Validation runs ONNX Runtime and PyTorch on seeded inputs at several timesteps, for the conditional and
-the unconditional branch, and reports the max absolute and relative error. Beyond the tolerance the
-export fails and nothing is left at the destination (it is written to a temporary directory first).
+the unconditional branch, and reports the max absolute and relative error. Beyond the tolerance, or with
+any non-finite output on either side, the export fails and nothing is left at the destination (it is
+written to a temporary directory first).
+
+``export.json`` records the sampling contract, so ``OnnxRunner`` (registered as the ``onnxruntime``
+runtime) samples and benchmarks the export without its PyTorch source.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ import torch
 from torch import nn
 
 from compress.errors import DitCompressError
-from compress.io import atomic_directory
+from compress.io import ONNX_EXPORT, atomic_directory, kind_of, write_marker
 from compress.models.adapters import get_adapter
+from compress.models.size import param_count
+from exporters.qdq import lower_for_export, qdq_translations
+from exporters.runtime import Runner, contract_of, export_meta, register_runtime
 
 MAX_CONDS = 4
 
@@ -44,12 +51,12 @@ class Denoiser(nn.Module):
         return get_adapter(self.model).forward(latent, timestep, conds)
 
 
-def _inputs(adapter, batch: int, t: float, seed: int, null: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def _inputs(contract, batch: int, t: float, seed: int, null: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn((batch, *adapter.latent_shape), generator=g)
-    cond = adapter.example_cond(batch, g)
+    x = torch.randn((batch, *contract.latent_shape), generator=g)
+    cond = contract.example_cond(batch, g)
     if null:
-        cond = adapter.null_cond(cond)
+        cond = contract.null_cond(cond)
     return x, torch.full((batch,), float(t)), cond
 
 
@@ -91,45 +98,14 @@ def _is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (QuantLinear, WeightOnlyLinear)) for m in model.modules())
 
 
-def _prepare_qdq(model: nn.Module, act_dtype: str = "uint8") -> list[nn.Module]:
-    """Freeze each exportable quantized layer's activation scale for QDQ export; returns those layers.
-
-    Layers whose static scale depends on the timestep group cannot be expressed as one QuantizeLinear, so
-    they are refused with a clear error instead of being exported with a silently different scale.
-    """
-    from compress.nn.quant import QuantLinear
-
-    layers = []
-    for name, m in model.named_modules():
-        if not isinstance(m, QuantLinear):
-            continue
-        if m.act_groups > 1:
-            raise DitCompressError(
-                f"{name}: its activation scale is chosen per timestep group ({m.act_groups} groups), which an ONNX "
-                f"graph cannot select; re-quantize with 'activations: {{timestep_groups: 1}}' to export.")
-        if m.qdq_exportable():
-            m._export_scale, m._export_act_dtype = float(m.act_scale[0]), act_dtype
-            layers.append(m)
-    return layers
-
-
-def _qdq_translations() -> dict:
-    import torch.ao.quantization.fx._decomposed  # noqa: F401
-    from onnxscript.function_libs.torch_lib.ops import quantized_decomposed as qd
-
-    ops = torch.ops.quantized_decomposed
-    return {ops.quantize_per_tensor.default: qd.quantized_decomposed_quantize_per_tensor,
-            ops.dequantize_per_tensor.default: qd.quantized_decomposed_dequantize_per_tensor,
-            ops.dequantize_per_channel.default: qd.quantized_decomposed_dequantize_per_channel}
-
-
 def validate_onnx(onnx_path: Path, model: nn.Module, *, timesteps=(50.0, 500.0, 950.0), batch: int = 2,
                   seed: int = 0, tolerance: float | None = None) -> dict:
     """ONNX Runtime vs PyTorch on seeded inputs; returns the report (``passed`` is the gate)."""
     import onnxruntime as ort
 
     adapter = get_adapter(model)
-    keys = sorted(adapter.example_cond(1))
+    contract = adapter.contract()
+    keys = sorted(c.name for c in contract.conditions)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     quantized = _is_quantized(model)
@@ -138,18 +114,29 @@ def validate_onnx(onnx_path: Path, model: nn.Module, *, timesteps=(50.0, 500.0, 
     cases, worst = [], 0.0
     for t in timesteps:
         for null in (False, True):
-            x, tt, cond = _inputs(adapter, batch, t, seed, null)
+            x, tt, cond = _inputs(contract, batch, t, seed, null)
             with torch.no_grad():
                 ref = adapter.forward(x, tt, cond)
             feeds = dict(zip(names, [x.numpy(), tt.numpy(), *[cond[k].numpy() for k in keys]]))
             out = torch.from_numpy(sess.run(None, feeds)[0])
-            abs_err = float((out - ref).abs().max())
-            rel = abs_err / max(float(ref.abs().max()), 1e-12)
-            worst = max(worst, rel)
-            cases.append({"timestep": t, "branch": "uncond" if null else "cond", "max_abs_err": abs_err,
-                          "max_rel_err": rel})
-    return {"passed": worst <= tol, "tolerance_rel": tol, "max_rel_err": worst, "precision":
-            "fake-quant" if quantized else "fp32", "cases": cases, "provider": sess.get_providers()[0]}
+            case = {"timestep": t, "branch": "uncond" if null else "cond"}
+            if out.shape != ref.shape or not out.numel():
+                finite = False
+                case.update(error=f"output shape {tuple(out.shape)}, PyTorch {tuple(ref.shape)}")
+            else:
+                finite = bool(torch.isfinite(out).all() and torch.isfinite(ref).all())
+            if not finite:  # a max over NaN would drop it: non-finite or empty output fails outright
+                case.update(max_abs_err=None, max_rel_err=None, finite=False)
+                worst = float("inf")
+            else:
+                abs_err = float((out - ref).abs().max())
+                rel = abs_err / max(float(ref.abs().max()), 1e-12)
+                worst = max(worst, rel)
+                case.update(max_abs_err=abs_err, max_rel_err=rel, finite=True)
+            cases.append(case)
+    passed = worst <= tol and all(c["finite"] for c in cases)
+    return {"passed": passed, "tolerance_rel": tol, "max_rel_err": worst if passed or worst != float("inf") else None,
+            "precision": "fake-quant" if quantized else "fp32", "cases": cases, "provider": sess.get_providers()[0]}
 
 
 def export_onnx(model: nn.Module, out_dir: str | Path, *, opset: int = 20, force: bool = False,
@@ -158,8 +145,10 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, opset: int = 20, force
     """Export ``model``'s denoiser to ``out_dir/model.onnx`` and validate it; atomic, fails loudly.
 
     INT8 W8A8 layers go out as QDQ with ``qdq_activations`` "uint8" (zero point 128: ONNX Runtime on x86)
-    or "int8" (zero point 0: TensorRT). ``source`` (a model name or artifact path) is recorded so the
-    benchmark can rebuild the PyTorch side (conditions, scheduler) of an exported variant.
+    or "int8" (zero point 0: TensorRT); they are swapped for explicit export modules on a copy, ``model``
+    is never modified. ``source`` (a model name or artifact path) is recorded for the reader's information;
+    the sampling contract in ``export.json`` is what runners use. ``force`` replaces an existing ONNX export
+    (and nothing else).
     """
     if qdq_activations not in ("uint8", "int8"):
         raise DitCompressError(f"qdq_activations must be 'uint8' (ONNX Runtime CPU) or 'int8' (TensorRT), "
@@ -169,65 +158,117 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, opset: int = 20, force
     except ImportError:
         raise DitCompressError('ONNX export needs onnx, onnxscript and onnxruntime: pip install "dit-compress[onnx]".'
                                ) from None
+    from compress.io import check_output_path
+
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise DitCompressError(f"{out}: already exists; pass --force (force=True) to replace it.")
+    check_output_path(out, (ONNX_EXPORT,), force)
     model = model.eval()
     adapter = get_adapter(model)
-    x, t, cond = _inputs(adapter, 2, 500.0, 0)
+    contract = adapter.contract()
+    traced, n_qdq = lower_for_export(model, qdq_activations)
+    x, t, cond = _inputs(contract, 2, 500.0, 0)
     keys = sorted(cond)
-    wrapper = Denoiser(model, keys).eval()
+    wrapper = Denoiser(traced, keys).eval()
     args = (x, t, *[cond[k] for k in keys])
     names = ["latent", "timestep", *keys]
     batch = torch.export.Dim("batch", min=1, max=4096)
     dyn = tuple({0: batch} for _ in args)
     t0 = time.perf_counter()
     log = []
-    qdq = []
-    try:
-        with atomic_directory(out) as tmp:
-            qdq = _prepare_qdq(model, qdq_activations)
-            path = tmp / "model.onnx"
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    prog = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, input_names=names,
-                                             output_names=["prediction"], dynamic_shapes=dyn, external_data=True,
-                                             optimize=True, verbose=False,
-                                             custom_translation_table=_qdq_translations() if qdq else None)
-                    prog.save(str(path), external_data=True)
-                    log.append(f"torch.onnx dynamo exporter, opset {opset}, graph optimised")
-                    if qdq:
-                        log.append(f"{len(qdq)} INT8 layers as QuantizeLinear/DequantizeLinear ({qdq_activations} "
-                                   f"activations, int8 per-channel weights); other quantized layers as fake-quant "
-                                   f"float ops")
-                    if n_fixed := fix_noop_squeeze(path):
-                        log.append(f"rewrote {n_fixed} no-op Squeeze node(s) to Identity")
-                except Exception as e:  # noqa: BLE001 - fall back, and say so
-                    log.append(f"dynamo exporter failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                               f"fell back to the TorchScript exporter (opset 17)")
-                    torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=17, input_names=names,
-                                      output_names=["prediction"],
-                                      dynamic_axes={n: {0: "batch"} for n in [*names, "prediction"]})
-            report = validate_onnx(path, model, tolerance=tolerance)
-            if not report["passed"]:
-                lines = "; ".join(f"t={c['timestep']:.0f} {c['branch']}: max abs {c['max_abs_err']:.3g}, "
-                                  f"rel {c['max_rel_err']:.3g}" for c in report["cases"])
-                raise DitCompressError(
-                    f"ONNX export of {type(model).__name__} failed validation against PyTorch (tolerance "
-                    f"{report['tolerance_rel']:.1g} relative, {report['precision']}): {lines}. Nothing was written to "
-                    f"{out}.")
-            meta = {"inputs": names, "output": "prediction", "dynamic": {"batch": True, "resolution": False,
-                                                                         "resolution_reason": "position embeddings are "
-                                                                         "fixed-size tables in every supported family"},
-                    "opset": opset, "log": log, "qdq_layers": len(qdq),
-                    "qdq_activations": qdq_activations if qdq else None, "source": source, "validation": report,
-                    "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__}
-            (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
-    finally:
-        for m in qdq:
-            del m._export_scale, m._export_act_dtype
+    with atomic_directory(out, (ONNX_EXPORT,), force=force) as tmp:
+        path = tmp / "model.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                prog = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, input_names=names,
+                                         output_names=["prediction"], dynamic_shapes=dyn, external_data=True,
+                                         optimize=True, verbose=False,
+                                         custom_translation_table=qdq_translations() if n_qdq else None)
+                prog.save(str(path), external_data=True)
+                log.append(f"torch.onnx dynamo exporter, opset {opset}, graph optimised")
+                if n_qdq:
+                    log.append(f"{n_qdq} INT8 layers as QuantizeLinear/DequantizeLinear ({qdq_activations} "
+                               f"activations, int8 per-channel weights); other quantized layers as fake-quant "
+                               f"float ops")
+                if n_fixed := fix_noop_squeeze(path):
+                    log.append(f"rewrote {n_fixed} no-op Squeeze node(s) to Identity")
+            except Exception as e:  # noqa: BLE001 - fall back, and say so
+                log.append(f"dynamo exporter failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                           f"fell back to the TorchScript exporter (opset 17)")
+                for f in tmp.iterdir():
+                    f.unlink()
+                torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=17, input_names=names,
+                                  output_names=["prediction"],
+                                  dynamic_axes={n: {0: "batch"} for n in [*names, "prediction"]})
+        report = validate_onnx(path, model, tolerance=tolerance)
+        if not report["passed"]:
+            lines = "; ".join(
+                f"t={c['timestep']:.0f} {c['branch']}: " + (f"max abs {c['max_abs_err']:.3g}, rel {c['max_rel_err']:.3g}"
+                                                            if c["finite"] else c.get("error", "non-finite output"))
+                for c in report["cases"])
+            raise DitCompressError(
+                f"ONNX export of {type(model).__name__} failed validation against PyTorch (tolerance "
+                f"{report['tolerance_rel']:.1g} relative, {report['precision']}): {lines}. Nothing was written to "
+                f"{out}.")
+        meta = {"inputs": names, "output": "prediction", "dynamic": {"batch": True, "resolution": False,
+                                                                     "resolution_reason": "position embeddings are "
+                                                                     "fixed-size tables in every supported family"},
+                "opset": opset, "log": log, "qdq_layers": n_qdq,
+                "qdq_activations": qdq_activations if n_qdq else None, "source": source,
+                "recipe": (provenance_recipe(model) or None), "params": param_count(model),
+                "sampling": contract.model_dump(mode="json"), "validation": report,
+                "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__}
+        write_marker(tmp, ONNX_EXPORT, meta)
     if console is not None:
         console.print(f"exported {out / 'model.onnx'}: max rel err {report['max_rel_err']:.2e} "
                       f"(tolerance {report['tolerance_rel']:.0e}) over {len(report['cases'])} cases; {log[0]}")
     return out
+
+
+def provenance_recipe(model: nn.Module) -> str | None:
+    """Name of the recipe that produced ``model`` (None for a source model)."""
+    from compress.models.provenance import provenance
+
+    rec = provenance(model).get("recipe")
+    return rec.get("name") if isinstance(rec, dict) else None
+
+
+class OnnxRunner(Runner):
+    """An exported ``model.onnx`` on ONNX Runtime (CPU, or the CUDA / TensorRT providers where installed)."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, export_dir: str | Path, providers: list[str] | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        d = Path(export_dir)
+        self.meta = export_meta(d, ONNX_EXPORT.marker)
+        self.contract = contract_of(self.meta, d / ONNX_EXPORT.marker)
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(d / "model.onnx"), options,
+                                                providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise DitCompressError(f"{d / 'model.onnx'}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]}); "
+                                   f"the file is damaged or from another exporter. Export again.") from None
+        self.names = [i.name for i in self.session.get_inputs()]
+        if self.names != self.meta["inputs"]:
+            raise DitCompressError(f"{d}: model.onnx has inputs {self.names} but export.json records "
+                                   f"{self.meta['inputs']}; the files do not belong together. Export again.")
+        self.cond_keys = self.meta["inputs"][2:]
+        self.provider = self.session.get_providers()[0]  # the one actually used (see ENVIRONMENT notes)
+        self.params = self.meta.get("params")
+        self.size_bytes = sum(f.stat().st_size for f in d.iterdir() if f.name.startswith("model.onnx"))
+        self.recipe = self.meta.get("recipe")
+        self.description = f"ONNX Runtime ({self.provider})"
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        vals = [x.float(), t, *[cond[k] for k in self.cond_keys]]
+        feeds = {n: v.detach().cpu().contiguous().numpy() for n, v in zip(self.names, vals)}
+        return torch.from_numpy(self.session.run(None, feeds)[0])
+
+
+register_runtime("onnxruntime", detect=lambda d: kind_of(d) is ONNX_EXPORT, open=OnnxRunner)

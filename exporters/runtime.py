@@ -1,56 +1,141 @@
-"""Runners: one ``(x, t, cond) -> prediction`` interface over PyTorch and ONNX Runtime.
+"""Runners: one ``(x, t, cond) -> prediction`` interface over every runtime, registered in one place.
 
-A runner plugs into the sampler as ``denoiser=`` (``compress.diffusion.sampling.sample``), so the
-benchmark harness samples and scores an exported model with exactly the loop and metrics it uses for
-PyTorch models.
+A runner carries the sampling contract of what it runs, so the sampler, the benchmark and ``sample``
+drive PyTorch models, ONNX Runtime sessions, TensorRT engines and OpenVINO models identically, and an
+exported model needs nothing but its export directory.
+
+A new runtime is one module that subclasses ``Runner`` and calls ``register_runtime`` (see
+``exporters/onnx.py``), imported in ``exporters/__init__.py``. ``open_runner(path)`` asks each registered
+runtime whether it recognises ``path`` (its marker file) and falls back to loading a PyTorch model.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from compress.errors import DitCompressError
+from compress.models.contract import Cond, SamplingContract
 
 
-class TorchRunner:
-    """PyTorch eager, or ``torch.compile`` d with ``compile=True``."""
+class Runner:
+    """What every runtime provides. Subclasses set the attributes in ``__init__`` and implement ``__call__``."""
 
-    def __init__(self, model: torch.nn.Module, compile: bool = False):
+    runtime: str = ""  # registered runtime name
+    contract: SamplingContract
+    device: torch.device = torch.device("cpu")
+    module: nn.Module | None = None  # the PyTorch module, when there is one (MACs are counted on it)
+    params: int | None = None
+    size_bytes: int | None = None  # bytes of the weights on disk (or in memory for a PyTorch model)
+    recipe: str | None = None  # recipe that produced it, when known
+    description: str = ""
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    name: str
+    detect: Callable[[Path], bool]  # does this directory hold something this runtime runs?
+    open: Callable[..., Runner]
+
+
+RUNTIMES: dict[str, RuntimeSpec] = {}
+
+
+def register_runtime(name: str, detect: Callable[[Path], bool], open: Callable[..., Runner]) -> None:
+    """Make ``open_runner`` recognise a runtime's output directories (``detect``) and open them (``open``)."""
+    RUNTIMES[name] = RuntimeSpec(name, detect, open)
+
+
+def export_meta(d: Path, marker: str) -> dict:
+    """The JSON marker of an export directory, or a clear error."""
+    p = Path(d) / marker
+    try:
+        meta = json.loads(p.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise DitCompressError(f"{p}: unreadable export metadata ({e}); export again.") from None
+    if not isinstance(meta, dict) or "sampling" not in meta:
+        raise DitCompressError(f"{p}: does not record its sampling contract (an export from an older version); "
+                               f"export again.")
+    return meta
+
+
+def contract_of(meta: dict, where: Path) -> SamplingContract:
+    from pydantic import ValidationError
+
+    try:
+        return SamplingContract.model_validate(meta["sampling"])
+    except ValidationError as e:
+        from compress.yamlio import describe_errors
+
+        raise DitCompressError(f"{where}: field 'sampling': {describe_errors(e, meta['sampling'])}.") from None
+
+
+class TorchRunner(Runner):
+    """A PyTorch model in eager mode (its adapter's forward), or ``torch.compile``d with ``compile=True``."""
+
+    runtime = "torch"
+
+    def __init__(self, model: nn.Module, compile: bool = False, recipe: str | None = None,
+                 size_bytes: int | None = None):
         from compress.models.adapters import get_adapter
+        from compress.models.size import param_count, state_bytes
 
+        self.module = model.eval()
         self.adapter = get_adapter(model)
+        self.contract = self.adapter.contract()
         self.call = torch.compile(self.adapter.forward) if compile else self.adapter.forward
+        self.device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+        self.params = param_count(model)
+        self.size_bytes = size_bytes if size_bytes is not None else state_bytes(model)
+        self.recipe = recipe
+        self.description = "PyTorch" + (" (torch.compile)" if compile else " eager")
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        if self.device.type != "cpu":  # the sampler keeps noise and scheduler on the CPU
+            out = self.call(x.to(self.device), t.to(self.device), {k: v.to(self.device) for k, v in cond.items()})
+            return out.float().cpu()
         return self.call(x, t, cond)
 
 
-class OnnxRunner:
-    """An exported ``model.onnx`` on ONNX Runtime (CPU, or the CUDA / TensorRT providers where installed)."""
+def open_runner(source: str | Path, **options) -> Runner:
+    """A runner for an export / engine directory (by its marker), else a PyTorch model loaded from ``source``.
 
-    def __init__(self, export_dir: str | Path, providers: list[str] | None = None, threads: int | None = None):
-        import onnxruntime as ort
+    ``options`` go to the runtime (e.g. ``threads`` for ONNX Runtime).
+    """
+    p = Path(source)
+    if p.is_dir():
+        for spec in RUNTIMES.values():
+            if spec.detect(p):
+                return spec.open(p, **options)
+    from compress.sources import load_model
 
-        d = Path(export_dir)
-        meta_path = d / "export.json"
-        if not meta_path.exists():
-            raise DitCompressError(f"{d}: not an ONNX export from dit-compress (export.json is missing).")
-        self.meta = json.loads(meta_path.read_text())
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(d / "model.onnx"), options,
-                                            providers=providers or ["CPUExecutionProvider"])
-        self.names = [i.name for i in self.session.get_inputs()]
-        self.cond_keys = self.meta["inputs"][2:]
-        self.provider = self.session.get_providers()[0]  # the one actually used (see ENVIRONMENT notes)
+    model = load_model(source)
+    recipe, size = None, None
+    from compress.models.provenance import provenance
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-        vals = [x.float(), t, *[cond[k] for k in self.cond_keys]]
-        feeds = {n: v.detach().cpu().contiguous().numpy() for n, v in zip(self.names, vals)}
-        return torch.from_numpy(self.session.run(None, feeds)[0])
+    rec = provenance(model)
+    if rec.get("recipe"):
+        recipe = rec["recipe"].get("name")
+    if p.is_dir() and (p / "model.safetensors").is_file():
+        size = (p / "model.safetensors").stat().st_size
+    elif p.is_file():
+        size = p.stat().st_size
+    elif p.is_dir():
+        files = [f for d in (p, p / "transformer") if d.is_dir() for f in d.iterdir()
+                 if f.suffix in (".safetensors", ".bin") and f.is_file()]
+        size = sum(f.stat().st_size for f in files) or None
+    else:
+        from compress.models.reference import REFERENCES
+
+        if str(source) in REFERENCES:
+            size = REFERENCES[str(source)][1].stat().st_size
+    return TorchRunner(model, recipe=recipe, size_bytes=size)

@@ -21,15 +21,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from compress.errors import DitCompressError
-from compress.io import atomic_directory, atomic_write_bytes
+from compress.io import ONNX_EXPORT, TRT_ENGINE, atomic_directory, atomic_write_bytes, kind_of, write_marker
 from compress.models.provenance import file_sha256
+from exporters.runtime import Runner, contract_of, export_meta, register_runtime
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 _ONNX_INT8 = {2, 3}  # TensorProto UINT8, INT8
 _ONNX_FP8 = {17, 18, 19, 20}  # FLOAT8E4M3FN, FLOAT8E4M3FNUZ, FLOAT8E5M2, FLOAT8E5M2FNUZ
 
 
-def _require_tensorrt():
+def require_tensorrt():
     try:
         import tensorrt as trt
     except ImportError:
@@ -163,9 +164,10 @@ def engine_cache_key(onnx_digest: str, plan: BuildPlan, shapes: dict, trt_versio
 
 def engine_metadata(export_meta: dict, plan: BuildPlan, shapes: dict, trt_version: str, device: str, key: str,
                     seconds: float) -> dict:
-    """What ``engine.json`` records beside the engine."""
-    return {"format": "dit-compress-tensorrt", "inputs": export_meta["inputs"], "output": export_meta["output"],
-            "source": export_meta.get("source"), "precision": plan.precision, "strongly_typed": plan.strongly_typed,
+    """What ``engine.json`` records beside the engine (the export's sampling contract included)."""
+    return {"inputs": export_meta["inputs"], "output": export_meta["output"], "sampling": export_meta.get("sampling"),
+            "source": export_meta.get("source"), "recipe": export_meta.get("recipe"),
+            "params": export_meta.get("params"), "precision": plan.precision, "strongly_typed": plan.strongly_typed,
             "builder_flags": plan.flags, "profiles": [shapes], "tensorrt": trt_version, "gpu": device,
             "cache_key": key, "build_seconds": round(seconds, 1)}
 
@@ -177,13 +179,12 @@ def build_engine(export_dir: str | Path, out_dir: str | Path, *, precision: str 
                  timing_cache: str | Path | None = None, force: bool = False) -> Path:
     """Build ``out_dir/model.engine`` (+ ``engine.json``) from a dit-compress ONNX export; cached by key."""
     export_dir, out = Path(export_dir), Path(out_dir)
-    meta_path = export_dir / "export.json"
-    if not meta_path.is_file():
+    if kind_of(export_dir) is not ONNX_EXPORT:
         raise DitCompressError(f"{export_dir}: not a dit-compress ONNX export (no export.json); run "
                                f"'dit-compress export onnx' first.")
-    export_meta = json.loads(meta_path.read_text())
+    meta_in = export_meta(export_dir, ONNX_EXPORT.marker)
     onnx_path = export_dir / "model.onnx"
-    trt = _require_tensorrt()
+    trt = require_tensorrt()
     import torch
 
     if not torch.cuda.is_available():
@@ -192,12 +193,15 @@ def build_engine(export_dir: str | Path, out_dir: str | Path, *, precision: str 
     plan = plan_precision(precision, graph_quantization(onnx_path), trt.__version__, strongly_typed)
     shapes = profile_shapes(onnx_inputs(onnx_path), batch)
     key = engine_cache_key(file_sha256(*export_dir.glob("model.onnx*")), plan, shapes, trt.__version__, device)
-    if out.exists():
-        old = json.loads((out / "engine.json").read_text()) if (out / "engine.json").is_file() else {}
+    if kind_of(out) is TRT_ENGINE:
+        old = json.loads((out / "engine.json").read_text())
         if old.get("cache_key") == key and (out / "model.engine").is_file():
             return out  # same graph, settings, TensorRT and GPU: reuse
         if not force:
             raise DitCompressError(f"{out}: exists with a different engine; pass --force to rebuild.")
+    from compress.io import check_output_path
+
+    check_output_path(out, (TRT_ENGINE,), force)
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -223,24 +227,29 @@ def build_engine(export_dir: str | Path, out_dir: str | Path, *, precision: str 
     if serialized is None:
         raise DitCompressError(f"TensorRT could not build an engine from {onnx_path} ({plan}); see its log above.")
     seconds = time.perf_counter() - t0
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, (TRT_ENGINE,), force=force) as tmp:
         (tmp / "model.engine").write_bytes(bytes(serialized))
-        meta = engine_metadata(export_meta, plan, shapes, trt.__version__, device, key, seconds)
-        (tmp / "engine.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_marker(tmp, TRT_ENGINE, engine_metadata(meta_in, plan, shapes, trt.__version__, device, key, seconds))
     if cache_path is not None:
         atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     return out
 
 
-class TensorRTRunner:
+class TensorRTRunner(Runner):
     """A built engine as ``(x, t, cond) -> prediction`` on CUDA tensors (the same interface as the others)."""
 
+    runtime = "tensorrt"
+
     def __init__(self, engine_dir: str | Path):
-        trt = _require_tensorrt()
+        d = Path(engine_dir)
+        self.meta = export_meta(d, TRT_ENGINE.marker)
+        self.contract = contract_of(self.meta, d / TRT_ENGINE.marker)
+        trt = require_tensorrt()
         import torch
 
-        d = Path(engine_dir)
-        self.meta = json.loads((d / "engine.json").read_text())
+        self.params, self.recipe = self.meta.get("params"), self.meta.get("recipe")
+        self.size_bytes = (d / "model.engine").stat().st_size
+        self.description = f"TensorRT {self.meta.get('tensorrt')} ({self.meta.get('precision')})"
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine((d / "model.engine").read_bytes())
         if self.engine is None:
@@ -266,3 +275,6 @@ class TensorRTRunner:
             raise DitCompressError("TensorRT execution failed.")
         torch.cuda.current_stream().synchronize()
         return out.to(x.device)
+
+
+register_runtime("tensorrt", detect=lambda d: kind_of(d) is TRT_ENGINE, open=TensorRTRunner)

@@ -20,7 +20,7 @@ def _reload(model: torch.nn.Module, path) -> torch.nn.Module:
 def _run(adapter, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((batch, *adapter.latent_shape), generator=g)
-    cond = adapter.example_cond(batch, generator=g)
+    cond = adapter.contract().example_cond(batch, generator=g)
     with torch.no_grad():
         return x, adapter.forward(x, torch.tensor([500.0, 20.0][:batch]), cond), cond
 
@@ -78,13 +78,13 @@ def test_forward_shape_and_null_cond(family):
     x, out, cond = _run(adapter)
     assert out.shape == x.shape and torch.isfinite(out).all()
     with torch.no_grad():
-        uncond = adapter.forward(x, torch.tensor(500.0), adapter.null_cond(cond))  # scalar t is expanded
+        uncond = adapter.forward(x, torch.tensor(500.0), adapter.contract().null_cond(cond))  # scalar t is expanded
         cond_scalar_t = adapter.forward(x[:1], torch.tensor(500.0), {k: v[:1] for k, v in cond.items()})
     assert uncond.shape == x.shape and not torch.allclose(uncond[:1], cond_scalar_t)
     torch.testing.assert_close(cond_scalar_t, out[:1])  # batch element 0 had t=500 too
     # Seeded example conditions are reproducible.
-    again = adapter.example_cond(2, generator=torch.Generator().manual_seed(0))
-    first = adapter.example_cond(2, generator=torch.Generator().manual_seed(0))
+    again = adapter.contract().example_cond(2, generator=torch.Generator().manual_seed(0))
+    first = adapter.contract().example_cond(2, generator=torch.Generator().manual_seed(0))
     assert all(torch.equal(again[k], first[k]) for k in first)
 
 
@@ -106,7 +106,7 @@ def test_remove_blocks_each_kind(family, tmp_path):
     reloaded = get_adapter(_reload(adapter.model, tmp_path))
     assert reloaded.depth == adapter.depth
     x = torch.randn((1, *adapter.latent_shape))
-    cond = adapter.example_cond(1, generator=torch.Generator().manual_seed(1))
+    cond = adapter.contract().example_cond(1, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(reloaded.forward(x, torch.tensor([300.0]), cond),
                                    adapter.forward(x, torch.tensor([300.0]), cond))
@@ -116,7 +116,7 @@ def test_sd3_removing_last_block_is_exact_and_reloads(tmp_path):
     """The new last block becomes context-pre-only (as from_pretrained would build it) without changing outputs."""
     adapter = get_adapter(tiny_diffusers_model("sd3"))
     x = torch.randn((2, *adapter.latent_shape))
-    cond = adapter.example_cond(2, generator=torch.Generator().manual_seed(0))
+    cond = adapter.contract().example_cond(2, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([700.0, 100.0])
     blocks = adapter.model.transformer_blocks
     adapter.model.transformer_blocks = torch.nn.ModuleList(list(blocks)[:-1])  # plain removal, no hook

@@ -18,7 +18,7 @@ def _probe(model):
     g = torch.Generator().manual_seed(0)
     adapter = compress.get_adapter(model)
     x = torch.randn((4, *adapter.latent_shape), generator=g)
-    cond = adapter.example_cond(4, g)
+    cond = adapter.contract().example_cond(4, g)
     with torch.no_grad():
         return torch.stack([adapter.forward(x, torch.full((4,), t), cond) for t in (20.0, 500.0, 980.0)])
 

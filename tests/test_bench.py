@@ -8,10 +8,12 @@ import torch
 
 from tests.test_native_dit import randomized
 
-from benchmarks.harness import BenchConfig, Variant, load_suite, run_bench
-from benchmarks.report import pareto_front
 from compress import DitCompressError, get_adapter
+from compress.bench import BenchConfig, Variant, load_suite, run_bench
+from compress.bench.report import pareto_front
 from compress.models.dit import DiT, DiTConfig
+from compress.models.size import state_bytes
+from exporters.runtime import Runner, TorchRunner
 
 TINY = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4,
                  num_classes=10, learn_sigma=False)
@@ -27,11 +29,18 @@ def bench(tmp_path_factory):
     same = copy.deepcopy(base)
     calls = []
 
-    def runner(x, t, cond):  # stands in for an ONNX Runtime / TensorRT runner
-        calls.append(x.shape[0])
-        return get_adapter(same).forward(x, t, cond)
+    class Counting(Runner):  # stands in for an ONNX Runtime / TensorRT runner
+        def __init__(self, model):
+            inner = TorchRunner(model)
+            self.contract, self.module, self.params, self.size_bytes = (inner.contract, model, inner.params,
+                                                                        inner.size_bytes)
+            self.description = "counting runner"
 
-    variants = [Variant("pruned", pruned.eval(), recipe="depth-prune"), Variant("copy", same, denoiser=runner)]
+        def __call__(self, x, t, cond):
+            calls.append(x.shape[0])
+            return get_adapter(same).forward(x, t, cond)
+
+    variants = [Variant("pruned", pruned.eval(), recipe="depth-prune"), Variant("copy", Counting(same))]
     report = run_bench(Variant("source", base), variants, cfg, out)
     # sampling (4 steps x CFG batch 40) and timing (1 warm-up + 3 timed at batch 4) both went through it
     assert calls.count(40) == 4 and calls.count(4) == 4
@@ -57,7 +66,7 @@ def test_report_schema(bench):
     assert names == ["source", "pruned", "copy"]
     for v in report["variants"]:
         assert {"name", "recipe", "steps", "nfe", "quality", "speed", "params", "size_mb", "macs_per_call"} <= set(v)
-        assert set(v["quality"]) == {"fd", "class_acc", "psnr_db", "ssim", "fd_to_source"}
+        assert set(v["quality"]) == {"fd", "class_acc", "psnr_db", "ssim", "fd_to_source", "finite"}
         assert set(v["speed"]) == {"ms_per_call", "p90_ms_per_call", "ms_per_image", "images_per_s", "speedup",
                                    "peak_mem_mb"}
         assert v["steps"] == 4 and v["nfe"] == 8  # CFG doubles the evaluations
@@ -94,7 +103,7 @@ def test_no_quality_no_speed_gives_nulls(tmp_path):
     report = run_bench(Variant("a", base), [Variant("b", copy.deepcopy(base), steps=1)], cfg, tmp_path)
     v = report["variants"][1]
     assert v["steps"] == 1 and v["nfe"] == 2
-    assert all(x is None for x in v["quality"].values()) and all(x is None for x in v["speed"].values())
+    assert all(x is None for k, x in v["quality"].items() if k != "finite") and all(x is None for x in v["speed"].values())
     assert v["macs_per_call"] is None and v["params"] > 0
     assert (tmp_path / "report.json").is_file() and (tmp_path / "report.md").is_file()
     assert not (tmp_path / "pareto.png").exists()
@@ -131,7 +140,8 @@ def test_load_suite(tmp_path):
     assert baseline.size_bytes == (tmp_path / "tiny.safetensors").stat().st_size
     torch.testing.assert_close(baseline.model.state_dict(), model.state_dict())
     assert [v.name for v in variants] == ["again", "DiT-S/8"] and variants[0].steps == 2
-    assert variants[1].steps is None and variants[1].size_bytes is None  # a preset: random weights, no file
+    assert variants[1].steps is None  # a preset: random weights, no file: its size is its tensors'
+    assert variants[1].size_bytes == state_bytes(variants[1].model)
     assert config.samples == 16 and config.steps == 20 and config.repeats == BenchConfig().repeats
 
 

@@ -6,22 +6,22 @@ from compress.passes import CalibrationConfig, PassContext
 
 
 def test_trajectory_rows_both_branches_and_cache(tiny_native):
-    ctx = PassContext(teacher=tiny_native, show_progress=False)
+    ctx = PassContext.for_model(tiny_native, show_progress=False)
     cfg = CalibrationConfig(samples=6, steps=4, cfg_scale=2.0, batch_size=4)
-    calib = ctx.calibration(cfg)
+    calib = ctx.calibration.rows(cfg)
     assert len(calib) == 6 * 4 * 2  # every step, cond + uncond
     assert sorted(set(calib.step.tolist())) == [0, 1, 2, 3]
     assert (calib.cond["y"] == 10).sum() == 6 * 4  # half the rows are the null (unconditional) label
     assert sorted(set(calib.t.tolist())) == [0, 250, 500, 750]  # DDIM leading spacing, 4 steps
-    assert ctx.calibration(cfg) is calib  # cached: several passes reuse one recording
-    again = PassContext(teacher=tiny_native, show_progress=False).calibration(cfg)
+    assert ctx.calibration.rows(cfg) is calib  # cached: several passes reuse one recording
+    again = PassContext.for_model(tiny_native, show_progress=False).calibration.rows(cfg)
     assert torch.equal(again.x, calib.x)  # seeded
 
 
 def test_keep_steps_middle_weighting(tiny_native):
-    ctx = PassContext(teacher=tiny_native, show_progress=False)
-    calib = ctx.calibration(CalibrationConfig(samples=2, steps=20, cfg_scale=1.0, timesteps="middle", keep_steps=5))
+    ctx = PassContext.for_model(tiny_native, show_progress=False)
+    calib = ctx.calibration.rows(CalibrationConfig(samples=2, steps=20, cfg_scale=1.0, timesteps="middle", keep_steps=5))
     steps = sorted(set(calib.step.tolist()))
     assert len(steps) == 5 and len(calib) == 2 * 5
-    uni = ctx.calibration(CalibrationConfig(samples=2, steps=20, cfg_scale=1.0, keep_steps=5))
+    uni = ctx.calibration.rows(CalibrationConfig(samples=2, steps=20, cfg_scale=1.0, keep_steps=5))
     assert sorted(set(uni.step.tolist())) == [0, 5, 10, 14, 19]

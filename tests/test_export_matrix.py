@@ -20,7 +20,8 @@ RECIPES = {
         {"pass": "quantize", "weights": {"dtype": "int8", "reduce_range": True},
          "activations": {"dtype": "int8", "mode": "static"}, "smoothing": {"alpha": "search"},
          "layers": {"include": ["*attn*"]}},
-        {"pass": "quantize", "weights": {"dtype": "int4", "group_size": 16}, "layers": {"modulation": "only"}},
+        {"pass": "quantize", "weights": {"dtype": "int4", "group_size": 16}, "layers": {"modulation": "only"},
+         "allow_empty": True},
         {"pass": "quantize", "weights": {"dtype": "fp8"}, "activations": {"dtype": "fp8", "mode": "static"}},
     ],
     "pruned": [

@@ -39,7 +39,7 @@ def fast(name: str) -> dict:
             p.update(FAST_TRAIN)
         if p["pass"] == "prune_depth" and p["method"] == "learned":
             p["learned"]["training"].update(FAST_TRAIN)
-            p["learned"]["group_size"] = 2
+            p["learned"]["blocks_per_group"] = 2
     return data
 
 
@@ -47,7 +47,7 @@ def outputs(model, seed=0, n=3):
     a = get_adapter(model)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((n, *a.latent_shape), generator=g)
-    cond = a.example_cond(n, g)
+    cond = a.contract().example_cond(n, g)
     with torch.no_grad():
         return a.forward(x, torch.tensor([50.0, 400.0, 900.0][:n]), cond)
 
@@ -68,7 +68,7 @@ def identity_blocks(model, which):
 def test_scored_selection_drops_identity_blocks(method):
     """Blocks 1 and 3 do nothing: every data-driven method must drop exactly those."""
     model = identity_blocks(randomized_dit(), [1, 3])
-    extra = {"learned": {"group_size": 2, "lora_rank": 2, "gate_lr": 0.1,
+    extra = {"learned": {"blocks_per_group": 2, "lora_rank": 2, "gate_lr": 0.1,
                          "training": {"steps": 150, "batch_size": 8, "lr": 1e-3, "warmup": 1,
                                       "loss": {"features": 0}}}} if method == "learned" else {}
     out = compress.apply_recipe(model, recipe({"pass": "prune_depth", "depth": 2, "method": method, **extra}),
@@ -298,20 +298,22 @@ DDP_SCRIPT = """
 import sys, torch, torch.distributed as dist
 dist.init_process_group("gloo")
 import compress
+from compress.io import WorkDir
 from compress.passes import CalibrationConfig, PassContext
-from compress.training import TrainingConfig, distill
+from compress.training import Trainer, TrainingConfig
 from tests.conftest import randomized_dit
 teacher = randomized_dit()
 student = compress.apply_recipe(teacher, {"name": "d", "description": "d", "passes": [
     {"pass": "prune_depth", "depth": 2, "method": "uniform"}]}, show_progress=False)
-ctx = PassContext(teacher=teacher, calibration_config=CalibrationConfig(samples=4, steps=3), show_progress=False,
-                  workdir=sys.argv[1])
-distill(student, teacher, TrainingConfig(steps=6, batch_size=4, checkpoint_every=3), ctx, tag="ddp")
+ctx = PassContext.for_model(teacher, CalibrationConfig(samples=4, steps=3), show_progress=False)
+ctx.run.workdir = WorkDir(sys.argv[1])
+Trainer(student, teacher, TrainingConfig(steps=6, batch_size=4, checkpoint_every=3), ctx.run, ctx.calibration,
+        tag="ddp").run()
 w = student.blocks[0].attn.qkv.weight.detach().clone()
 all_w = [torch.zeros_like(w) for _ in range(dist.get_world_size())]
 dist.all_gather(all_w, w)
 assert all(torch.equal(all_w[0], x) for x in all_w), "replicas diverged"
-print("rank", dist.get_rank(), "ok", ctx.notes[-1])
+print("rank", dist.get_rank(), "ok", ctx.run.notes[-1])
 dist.destroy_process_group()
 """
 

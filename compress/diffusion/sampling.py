@@ -1,17 +1,31 @@
-"""The one sampler loop: any family (through its adapter), any diffusers scheduler, optional CFG."""
+"""The one sampler loop: any family, any runtime, sampled the way its contract says.
+
+``sample(denoiser, cond, noise)`` takes a PyTorch model (or its adapter) or any runner with a
+``contract`` and ``__call__(x, t, cond)`` (ONNX Runtime, TensorRT, OpenVINO...), and follows the sampling
+contract: scheduler, steps, classifier-free guidance. Callers that want other settings pass a modified
+contract (``contract.with_overrides(steps=...)``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from compress.diffusion.schedules import make_scheduler
 from compress.models.adapters import Cond, ModelAdapter, get_adapter
+from compress.models.contract import SamplingContract
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+
+class Denoiser(Protocol):
+    """What the sampler calls: a prediction for (latent, timestep, conditions), and how to sample it."""
+
+    contract: SamplingContract
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor: ...
 
 
 @dataclass
@@ -30,37 +44,42 @@ def cat_cond(a: Cond, b: Cond) -> Cond:
     return {k: torch.cat([a[k], b[k]]) if a[k].dim() else a[k] for k in a}
 
 
-def slice_cond(cond: Cond, sl: slice) -> Cond:
+def slice_cond(cond: Cond, sl: slice | torch.Tensor) -> Cond:
     return {k: v[sl] if v.dim() else v for k, v in cond.items()}
+
+
+def resolve(denoiser: nn.Module | ModelAdapter | Denoiser) -> tuple[Callable, SamplingContract]:
+    """(call, contract) of a model, an adapter or a runner."""
+    if isinstance(denoiser, nn.Module):
+        denoiser = get_adapter(denoiser)
+    if isinstance(denoiser, ModelAdapter):
+        return denoiser.forward, denoiser.contract()
+    return denoiser, denoiser.contract
 
 
 @torch.no_grad()
 def sample(
-    model: nn.Module | ModelAdapter,
+    denoiser: nn.Module | ModelAdapter | Denoiser,
     cond: Cond,
     noise: torch.Tensor,
     *,
-    steps: int = 50,
-    sampler: str = "default",
-    cfg_scale: float = 1.0,
-    denoiser: Denoiser | None = None,
+    contract: SamplingContract | None = None,
     seed: int = 0,
     on_step: Callable[[int, torch.Tensor, torch.Tensor, Cond], None] | None = None,
 ) -> SampleResult:
-    """Run the reverse process from ``noise``.
+    """Run the reverse process from ``noise`` as ``contract`` (default: the denoiser's own) says.
 
-    ``denoiser`` overrides the PyTorch call (an ONNX Runtime or TensorRT runner with the same
-    ``(x, t, cond)`` signature); ``on_step(i, x, t, cond)`` sees each transformer input, which is how
-    calibration data is gathered along the source's own trajectory.
+    ``on_step(i, x, t, cond)`` sees each transformer input, which is how calibration data is gathered
+    along a model's own trajectory.
     """
-    adapter = model if isinstance(model, ModelAdapter) else get_adapter(model)
-    call = denoiser or adapter.forward
-    sched = make_scheduler(sampler, adapter.prediction)
-    sched.set_timesteps(steps)
+    call, own = resolve(denoiser)
+    c = contract or own
+    sched = make_scheduler(c.sampler, c.prediction)
+    sched.set_timesteps(c.steps)
     gen = torch.Generator().manual_seed(seed)
     x = noise * getattr(sched, "init_noise_sigma", 1.0)  # flow-matching schedulers start at unit noise
-    guided = cfg_scale != 1.0
-    full_cond = cat_cond(cond, adapter.null_cond(cond)) if guided else cond
+    guided = c.guided
+    full_cond = cat_cond(cond, c.null_cond(cond)) if guided else cond
     calls = 0
     for i, t in enumerate(sched.timesteps):
         x_in = torch.cat([x, x]) if guided else x
@@ -73,14 +92,14 @@ def sample(
         calls += 1
         if guided:
             cond_out, uncond_out = out.chunk(2)
-            out = uncond_out + cfg_scale * (cond_out - uncond_out)
-        kwargs = {"generator": gen} if sampler == "ddpm" else {}
+            out = uncond_out + c.guidance_scale * (cond_out - uncond_out)
+        kwargs = {"generator": gen} if c.sampler == "ddpm" else {}
         x = sched.step(out, t, x, **kwargs).prev_sample
-    return SampleResult(samples=x, nfe=steps * (2 if guided else 1), calls=calls)
+    return SampleResult(samples=x, nfe=c.nfe, calls=calls)
 
 
 def sample_batched(
-    model: nn.Module | ModelAdapter,
+    denoiser: nn.Module | ModelAdapter | Denoiser,
     cond: Cond,
     noise: torch.Tensor,
     *,
@@ -92,7 +111,7 @@ def sample_batched(
     outs, calls, nfe = [], 0, 0
     for start in range(0, noise.shape[0], batch_size):
         sl = slice(start, start + batch_size)
-        r = sample(model, slice_cond(cond, sl), noise[sl], **kwargs)
+        r = sample(denoiser, slice_cond(cond, sl), noise[sl], **kwargs)
         outs.append(r.samples)
         calls, nfe = calls + r.calls, r.nfe
         if progress:

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.nn import replayable
+from compress.nn.registry import replayable
+from compress.nn.timestep import current_timestep
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -127,36 +128,6 @@ def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 ACT_FORMATS = {"int8": (fake_quant_int8, INT8_MAX), "fp8": (fake_quant_fp8, FP8_MAX)}
 
 
-class _TimestepTracker:
-    """The timestep of the denoiser call being run, for layers whose activation scales depend on it.
-
-    A forward pre-hook on the model's timestep embedder (native ``TimestepEmbedder`` or diffusers'
-    ``Timesteps``, which every family feeds with timesteps in [0, 1000]) stores the current value here.
-    """
-
-    value: float | None = None
-
-    @classmethod
-    def hook(cls, _module, args):
-        t = args[0]
-        cls.value = float(t.reshape(-1)[0]) if torch.is_tensor(t) and t.numel() else None
-
-
-def track_timesteps(model: nn.Module) -> int:
-    """Install the timestep hook on every timestep embedder of ``model`` (idempotent); returns how many."""
-    from diffusers.models.embeddings import Timesteps
-
-    from compress.models.dit import TimestepEmbedder
-
-    n = 0
-    for m in model.modules():
-        if isinstance(m, (TimestepEmbedder, Timesteps)):
-            if not any(h is _TimestepTracker.hook for h in m._forward_pre_hooks.values()):
-                m.register_forward_pre_hook(_TimestepTracker.hook)
-            n += 1
-    return n
-
-
 class QuantLinear(nn.Module):
     """A Linear with quantized weights and (optionally) quantized inputs, stored in compact form.
 
@@ -259,10 +230,10 @@ class QuantLinear(nn.Module):
         """Static scale for the running timestep's group (the widest group's when the step is unknown)."""
         if self.act_edges is None:
             return self.act_scale[0]
-        t = _TimestepTracker.value
-        if t is None:
+        t = current_timestep()
+        if t is None or not t.numel():
             return self.act_scale.max()
-        return self.act_scale[int(torch.bucketize(torch.tensor(t), self.act_edges.cpu()))]
+        return self.act_scale[int(torch.bucketize(t.reshape(-1)[0].float().cpu(), self.act_edges.cpu()))]
 
     def quantize_input(self, xs: torch.Tensor, act_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Fake-quantize the (smoothed) input; ``act_scale`` overrides the static scale (calibration search)."""
@@ -277,9 +248,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, act_scale: torch.Tensor | None = None) -> torch.Tensor:
         xs = x / self.smooth if self.smooth is not None else x
-        if getattr(self, "_export_scale", None) is not None and torch.compiler.is_exporting():
-            y = self._qdq_matmul(xs)
-        elif x.is_cuda and act_scale is None and self._kernel_ok(x):
+        if x.is_cuda and act_scale is None and self._kernel_ok(x):
             y = self._cuda_matmul(xs)
         else:
             y = F.linear(self.quantize_input(xs, act_scale), self.dequantized_weight().to(x.dtype))
@@ -287,30 +256,10 @@ class QuantLinear(nn.Module):
             y = y + F.linear(F.linear(xs, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    # -- export: explicit quantize / dequantize (QDQ) ------------------------------------------------------
     def qdq_exportable(self) -> bool:
         """Static per-tensor int8 inputs and per-channel int8 weights: the form ONNX QDQ kernels run."""
         return (self.act_format == "int8" and self.act_mode == "static" and self.act_groups == 1
                 and self.weight_format == "int8" and self.group_size is None)
-
-    def _qdq_matmul(self, xs: torch.Tensor) -> torch.Tensor:
-        """Quantize / dequantize ops that lower to ONNX QuantizeLinear / DequantizeLinear around the matmul.
-
-        Inputs are clamped to +-127 steps, then go out as uint8 with zero point 128 (the U8S8 form ONNX
-        Runtime's x86 integer kernels prefer) or as int8 with zero point 0 (what TensorRT requires): both
-        exactly the symmetric int8 grid of the fake-quant path. ``_export_scale`` (a Python float) and
-        ``_export_act_dtype`` are set by the exporter.
-        """
-        import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
-
-        qd = torch.ops.quantized_decomposed
-        s = self._export_scale
-        zp, lo, hi, dt = (128, 0, 255, torch.uint8) if self._export_act_dtype == "uint8" else (0, -128, 127, torch.int8)
-        xq = qd.quantize_per_tensor.default(xs.clamp(-INT8_MAX * s, INT8_MAX * s), s, zp, lo, hi, dt)
-        xd = qd.dequantize_per_tensor.default(xq, s, zp, lo, hi, dt)
-        zeros = torch.zeros(self.out_features, dtype=torch.int64, device=xs.device)
-        w = qd.dequantize_per_channel.default(self.qweight, self.weight_scale[:, 0], zeros, 0, -128, 127, torch.int8)
-        return F.linear(xd, w.to(xs.dtype))
 
     # -- real low-precision matmuls on GPU --------------------------------------------------------------
     def _kernel_ok(self, x: torch.Tensor) -> bool:

@@ -1,11 +1,16 @@
 """What a pass is: a pydantic config (``extra="forbid"``, every field documented) and one apply function.
 
     @register_pass("weight_only")
-    class WeightOnlyConfig(PassConfig): ...
-    def apply(model, config, ctx) -> model
+    class WeightOnlyConfig(PassConfig):
+        pass_: Literal["weight_only"] = Field("weight_only", alias="pass")
+        ...
+
+    @WeightOnlyConfig.applies
+    def apply(model, config, ctx: PassContext) -> nn.Module: ...
 
 Passes are looked up by the recipe's ``pass:`` key. Shaped after torchao's ``quantize_(model,
-Config())`` and llm-compressor's recipe modifiers.
+Config())`` and llm-compressor's recipe modifiers. A new pass is one file in this package (copy
+``distill.py``) imported in ``__init__.py``, or a registration from anywhere before the recipe is read.
 """
 
 from __future__ import annotations
@@ -13,19 +18,68 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable
-from typing import Literal
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from compress.calibration import CalibrationSource
+from compress.context import RunContext
 from compress.errors import DitCompressError
 
 
 class PassConfig(BaseModel):
-    """Base of every pass config; subclasses add documented fields and a ``pass_`` literal tag."""
+    """Base of every pass config; subclasses add documented fields and a ``pass_`` literal tag.
+
+    ``changes_structure``: the pass removes or reshapes Linear layers (pruning), so it cannot run after a
+    pass that replaced those layers with quantized ones; the recipe is refused before any work.
+    ``replaces_linears``: the pass swaps Linear layers for other modules (quantization).
+    """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    changes_structure: ClassVar[bool] = False
+    replaces_linears: ClassVar[bool] = False
+
+    allow_empty: bool = Field(
+        False, description="A pass that finds nothing to do is an error (a recipe that silently does less than it "
+                           "says); set true where that is expected, e.g. an adaLN-only pass on a family whose "
+                           "adaLN lives outside the blocks.")
+
+    def nothing_to_do(self, ctx: "PassContext", why: str) -> None:
+        """Raise (or, with ``allow_empty``, note) that the pass found nothing to do, and why."""
+        name = getattr(self, "pass_", type(self).__name__)
+        if not self.allow_empty:
+            raise DitCompressError(f"pass #{ctx.run.pass_index + 1} '{name}' has nothing to do: {why}. Fix the "
+                                   f"recipe, or set 'allow_empty: true' on the pass if that is expected.")
+        ctx.run.note(f"nothing to do ({why}); allowed by allow_empty")
+
+
+@dataclass
+class PassContext:
+    """What a pass receives besides the model and its config.
+
+    ``run``: device, seed, log, progress, work directory / resume. ``teacher``: the frozen source model
+    (knowledge distillation targets). ``calibration``: whose sampling trajectories calibration rows come
+    from (``ctx.calibration.rows(config)``).
+    """
+
+    run: RunContext
+    teacher: nn.Module
+    calibration: CalibrationSource
+
+    @classmethod
+    def for_model(cls, teacher: nn.Module, calibration: "CalibrationConfig | None" = None, *, seed: int = 0,
+                  device: str = "cpu", console=None, show_progress: bool = True) -> "PassContext":
+        """A context whose calibration rows come from ``teacher``'s own trajectories (recorded on first use).
+
+        Passing the same context to several ``apply_recipe`` calls shares one recording between them.
+        """
+        from compress.calibration import CalibrationConfig
+
+        run = RunContext(device=device, seed=seed, console=console, show_progress=show_progress)
+        return cls(run, teacher, CalibrationSource(teacher, calibration or CalibrationConfig(), run))
 
 
 class LayerSelection(BaseModel):

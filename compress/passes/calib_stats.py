@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from compress.models.adapters import get_adapter
-from compress.passes.context import CalibrationSet
+from compress.calibration import CalibrationSet
 from compress.diffusion.sampling import slice_cond
 
 

@@ -7,8 +7,8 @@ from typing import Literal
 from pydantic import ConfigDict, Field
 from torch import nn
 
-from compress.passes.base import register_pass
-from compress.training import TrainingConfig, distill
+from compress.passes.base import PassContext, register_pass
+from compress.training import Trainer, TrainingConfig
 
 
 @register_pass("distill")
@@ -21,6 +21,7 @@ class DistillConfig(TrainingConfig):
 
 
 @DistillConfig.applies
-def apply_distill(model: nn.Module, config: DistillConfig, ctx) -> nn.Module:
+def apply_distill(model: nn.Module, config: DistillConfig, ctx: PassContext) -> nn.Module:
     training = TrainingConfig.model_validate(config.model_dump(exclude={"pass_"}))
-    return distill(model, ctx.teacher, training, ctx, tag=f"pass{ctx.pass_index + 1}-distill")
+    return Trainer(model, ctx.teacher, training, ctx.run, ctx.calibration,
+                   tag=f"pass{ctx.run.pass_index + 1}-distill").run()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +32,9 @@ from torch import nn
 from compress.errors import DitCompressError
 from compress.models.adapters import get_adapter
 from compress.models.adapters.base import block_hidden, block_identity_output
-from compress.passes.base import PassConfig, register_pass
-from compress.passes.context import CalibrationConfig, CalibrationSet
-from compress.training import LossWeights, TrainingConfig, distill
+from compress.calibration import CalibrationConfig, CalibrationSet
+from compress.passes.base import PassConfig, PassContext, register_pass
+from compress.training import LossWeights, Trainer, TrainingConfig
 
 
 def _selection_training() -> TrainingConfig:
@@ -46,8 +46,8 @@ class LearnedSelection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    group_size: int = Field(4, ge=2, le=64, description="M: blocks per group (consecutive); each group keeps N of "
-                                                        "its M blocks, N set by the target depth.")
+    blocks_per_group: int = Field(4, ge=2, le=64, description="M: blocks per group (consecutive); each group keeps "
+                                                              "N of its M blocks, N set by the target depth.")
     lora_rank: int = Field(8, ge=0, le=256, description="Rank of the LoRA trained with the selection (0: none). "
                                                         "It is discarded afterwards: it only makes the choice favour "
                                                         "recoverable blocks.")
@@ -78,6 +78,8 @@ class LearnedSelection(BaseModel):
 @register_pass("prune_depth")
 class PruneDepthConfig(PassConfig):
     """Depth pruning: remove whole transformer blocks (uniform, last, influence, remove-one, learned, manual)."""
+
+    changes_structure: ClassVar[bool] = True
 
     pass_: Literal["prune_depth"] = Field("prune_depth", alias="pass")
     depth: int | float | dict[str, int] = Field(
@@ -132,8 +134,8 @@ def targets(model: nn.Module, depth, field: str = "depth") -> dict[str, int]:
     return out
 
 
-def _rows(ctx, config: PruneDepthConfig) -> CalibrationSet:
-    return ctx.calibration(config.calibration).spread(config.max_rows)
+def _rows(ctx: PassContext, config: PruneDepthConfig) -> CalibrationSet:
+    return ctx.calibration.rows(config.calibration).spread(config.max_rows)
 
 
 @torch.no_grad()
@@ -290,23 +292,44 @@ class _Selector(nn.Module):
         return out
 
 
-def learned_selection(model: nn.Module, want: dict[str, int], config: PruneDepthConfig, ctx) -> dict[str, list[int]]:
+class SelectionTrainer(Trainer):
+    """The shared loop training the selection logits (and the LoRA) instead of the student's weights."""
+
+    def __init__(self, model: nn.Module, sel: _Selector, cfg: LearnedSelection, ctx: PassContext):
+        super().__init__(model, ctx.teacher, cfg.training, ctx.run, ctx.calibration,
+                         tag=f"pass{ctx.run.pass_index + 1}-prune_depth-selection")
+        self.sel, self.selection = sel, cfg
+
+    def extra_module(self) -> nn.Module:
+        return self.sel
+
+    def param_groups(self) -> list[dict]:
+        groups = [{"params": list(self.sel.logits), "lr": self.selection.gate_lr, "weight_decay": 0.0}]
+        if self.selection.lora_rank:
+            groups.append({"params": list(self.sel.lora.parameters()), "lr": self.cfg.lr})
+        return groups
+
+    def before_step(self, step: int) -> None:
+        self.sel.sample(step, self.cfg.steps)
+
+    def extra_loss(self, losses: dict[str, torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+        return self.sel.extra_loss(losses, loss)
+
+
+def learned_selection(model: nn.Module, want: dict[str, int], config: PruneDepthConfig,
+                      ctx: PassContext) -> dict[str, list[int]]:
     """Train selection logits (+ LoRA) on the model itself; the model's own weights stay untouched."""
     cfg = config.learned
     adapter = get_adapter(model)
-    plan = {k: _groups(len(model.get_submodule(p)), want[k], cfg.group_size) for k, p in adapter.block_lists.items()}
-    sel = _Selector(model, plan, cfg, ctx.seed)
-    groups = [{"params": list(sel.logits), "lr": cfg.gate_lr, "weight_decay": 0.0}]
-    if cfg.lora_rank:
-        groups.append({"params": list(sel.lora.parameters()), "lr": cfg.training.lr})
+    plan = {k: _groups(len(model.get_submodule(p)), want[k], cfg.blocks_per_group)
+            for k, p in adapter.block_lists.items()}
+    sel = _Selector(model, plan, cfg, ctx.run.seed)
     sel.install()
     try:
-        distill(model, ctx.teacher, cfg.training, ctx, tag=f"pass{ctx.pass_index + 1}-prune_depth-selection",
-                extra=sel, param_groups=groups, before_step=lambda s: sel.sample(s, cfg.training.steps),
-                extra_loss=sel.extra_loss)
+        SelectionTrainer(model, sel, cfg, ctx).run()
     finally:
         sel.remove()
-    ctx.note("learned selection (kept blocks, probability): " + "; ".join(sel.probabilities()))
+    ctx.run.note("learned selection (kept blocks, probability): " + "; ".join(sel.probabilities()))
     return sel.choice()
 
 
@@ -320,12 +343,17 @@ def _keep_costliest(scores: dict[tuple[str, int], float], want: dict[str, int]) 
 
 
 @PruneDepthConfig.applies
-def apply_prune_depth(model: nn.Module, config: PruneDepthConfig, ctx) -> nn.Module:
+def apply_prune_depth(model: nn.Module, config: PruneDepthConfig, ctx: PassContext) -> nn.Module:
     adapter = get_adapter(model)
     counts = {k: len(model.get_submodule(p)) for k, p in adapter.block_lists.items()}
     want = targets(model, config.depth)
     if config.method == "manual":
         keep = {k: sorted(set(v)) for k, v in config.keep.items()}
+        for k, idx in config.keep.items():
+            dup = sorted({i for i in idx if idx.count(i) > 1})
+            if dup:
+                raise DitCompressError(f"pass 'prune_depth', field 'keep.{k}': block indices {dup} are listed more "
+                                       f"than once; list each kept block once.")
         for k, idx in keep.items():
             if k not in counts or any(not 0 <= i < counts[k] for i in idx):
                 raise DitCompressError(f"pass 'prune_depth', field 'keep.{k}': indices must be blocks of kind {k!r} "
@@ -336,18 +364,21 @@ def apply_prune_depth(model: nn.Module, config: PruneDepthConfig, ctx) -> nn.Mod
     elif config.method == "last":
         keep = {k: list(range(want[k])) for k in counts}
     elif config.method == "influence":
-        scores = block_influence(model, _rows(ctx, config), ctx.device)
+        scores = block_influence(model, _rows(ctx, config), ctx.run.device)
         keep = _keep_costliest(scores, want)
-        ctx.note("block influence: " + ", ".join(f"{k}{i}={v:.3g}" for (k, i), v in scores.items()))
+        ctx.run.note("block influence: " + ", ".join(f"{k}{i}={v:.3g}" for (k, i), v in scores.items()))
     elif config.method == "remove_one":
-        scores = removal_error(model, _rows(ctx, config), ctx.device)
+        scores = removal_error(model, _rows(ctx, config), ctx.run.device)
         keep = _keep_costliest(scores, want)
-        ctx.note("remove-one output error: " + ", ".join(f"{k}{i}={v:.3g}" for (k, i), v in scores.items()))
+        ctx.run.note("remove-one output error: " + ", ".join(f"{k}{i}={v:.3g}" for (k, i), v in scores.items()))
     else:
         keep = learned_selection(model, want, config, ctx)
-    for kind, n in counts.items():
-        drop = [i for i in range(n) if i not in set(keep[kind])]
+    drops = {kind: [i for i in range(n) if i not in set(keep[kind])] for kind, n in counts.items()}
+    if not any(drops.values()):
+        config.nothing_to_do(ctx, f"'depth' keeps every block ({sum(counts.values())})")
+        return model
+    for kind, drop in drops.items():
         if drop:
             adapter.remove_blocks(kind, drop)
-    ctx.note(f"kept blocks ({config.method}): " + "; ".join(f"{k} {v}" for k, v in keep.items()))
+    ctx.run.note(f"kept blocks ({config.method}): " + "; ".join(f"{k} {v}" for k, v in keep.items()))
     return model

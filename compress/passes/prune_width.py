@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -27,14 +27,16 @@ from torch import nn
 
 from compress.errors import DitCompressError
 from compress.models.adapters import get_adapter
-from compress.passes.base import PassConfig, register_pass
-from compress.passes.context import CalibrationConfig
+from compress.calibration import CalibrationConfig
+from compress.passes.base import PassConfig, PassContext, register_pass
 from compress.training import TrainingBatches, TrainingData
 
 
 @register_pass("prune_width")
 class PruneWidthConfig(PassConfig):
     """Width pruning: remove attention heads and MLP channels (magnitude, activation or Taylor scores)."""
+
+    changes_structure: ClassVar[bool] = True
 
     pass_: Literal["prune_width"] = Field("prune_width", alias="pass")
     heads: float = Field(0.0, ge=0, lt=1, description="Fraction of attention heads to remove.")
@@ -117,7 +119,7 @@ def _magnitude(u: _Unit) -> torch.Tensor:
     return s.sqrt()
 
 
-def _data_scores(model: nn.Module, units: list[_Unit], config: PruneWidthConfig, ctx) -> None:
+def _data_scores(model: nn.Module, units: list[_Unit], config: PruneWidthConfig, ctx: PassContext) -> None:
     """Activation or Taylor scores from the unit outputs seen by their consuming projections."""
     adapter = get_adapter(model)
     taylor = config.importance == "taylor"
@@ -148,23 +150,25 @@ def _data_scores(model: nn.Module, units: list[_Unit], config: PruneWidthConfig,
             handles.append(lin.register_forward_pre_hook(pre_hook(u, lin, off)))
     try:
         if taylor:
-            data = TrainingData(trajectories=config.calibration or ctx.calibration_config, trajectory_fraction=0.0,
+            data = TrainingData(trajectories=config.calibration or ctx.calibration.config, trajectory_fraction=0.0,
                                 uncond_prob=0.1)
-            batches = TrainingBatches(ctx, data, get_adapter(ctx.teacher))
-            gen = torch.Generator().manual_seed(ctx.seed)
+            batches = TrainingBatches(ctx.calibration, data, get_adapter(ctx.teacher).contract())
+            gen = torch.Generator().manual_seed(ctx.run.seed)
+            device = ctx.run.device
             model.requires_grad_(True)
             for i in range(0, config.max_rows, 64):
                 x, t, cond, target, _ = batches.draw(min(64, config.max_rows - i), gen)
-                out = adapter.forward(x.to(ctx.device), t.to(ctx.device), {k: v.to(ctx.device) for k, v in cond.items()})
-                loss = (out - target.to(ctx.device)).pow(2).mean()
+                out = adapter.forward(x.to(device), t.to(device), {k: v.to(device) for k, v in cond.items()})
+                loss = (out - target.to(device)).pow(2).mean()
                 model.zero_grad(set_to_none=True)
                 loss.backward()
             model.zero_grad(set_to_none=True)
             model.requires_grad_(False)
         else:
+            device = ctx.run.device
             with torch.no_grad():
-                for x, t, cond in ctx.calibration(config.calibration).spread(config.max_rows).batches(64):
-                    adapter.forward(x.to(ctx.device), t.to(ctx.device), {k: v.to(ctx.device) for k, v in cond.items()})
+                for x, t, cond in ctx.calibration.rows(config.calibration).spread(config.max_rows).batches(64):
+                    adapter.forward(x.to(device), t.to(device), {k: v.to(device) for k, v in cond.items()})
     finally:
         for h in handles:
             h.remove()
@@ -229,7 +233,7 @@ def _shrink(lin: nn.Linear, rows: list[int] | None, cols: list[int] | None) -> n
 
 
 @PruneWidthConfig.applies
-def apply_prune_width(model: nn.Module, config: PruneWidthConfig, ctx) -> nn.Module:
+def apply_prune_width(model: nn.Module, config: PruneWidthConfig, ctx: PassContext) -> nn.Module:
     adapter = get_adapter(model)
     units = _units(model)
     total = sum(p.numel() for p in model.parameters())
@@ -240,6 +244,9 @@ def apply_prune_width(model: nn.Module, config: PruneWidthConfig, ctx) -> nn.Mod
         _data_scores(model, units, config, ctx)
     f_heads, f_mlp = _amounts(units, config, total)
     drop = {**_choose(units, "heads", f_heads, config), **_choose(units, "mlp", f_mlp, config)}
+    if not any(drop.values()):
+        config.nothing_to_do(ctx, "the fractions round to zero heads and zero MLP channels in every layer")
+        return model
     row_drop: dict[int, set[int]] = {}
     col_drop: dict[int, set[int]] = {}
     linears: dict[int, nn.Linear] = {}
@@ -270,7 +277,7 @@ def apply_prune_width(model: nn.Module, config: PruneWidthConfig, ctx) -> nn.Mod
         elif n:
             removed_channels += n
     after = sum(p.numel() for p in model.parameters())
-    ctx.note(f"removed {removed_heads} of {sum(u.size for u in units if u.kind == 'heads')} heads and "
+    ctx.run.note(f"removed {removed_heads} of {sum(u.size for u in units if u.kind == 'heads')} heads and "
              f"{removed_channels} of {sum(u.size for u in units if u.kind == 'mlp')} MLP channels "
              f"({config.importance}, {config.scope}); parameters {total:,} -> {after:,} ({1 - after / total:.1%} fewer)")
     return model

@@ -15,7 +15,7 @@ branches; statistics are gathered in bounded memory by ``calib_stats``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -23,10 +23,10 @@ from torch import nn
 
 from compress.errors import DitCompressError
 from compress.models.adapters import get_adapter
-from compress.nn.quant import ACT_FORMATS, QuantLinear, WeightOnlyLinear, track_timesteps
-from compress.passes.base import LayerSelection, PassConfig, register_pass, select_block_linears
+from compress.calibration import CalibrationConfig
+from compress.nn.quant import ACT_FORMATS, QuantLinear, WeightOnlyLinear
+from compress.passes.base import LayerSelection, PassConfig, PassContext, register_pass, select_block_linears
 from compress.passes.calib_stats import activation_salience, collect_input_stats, step_batches
-from compress.passes.context import CalibrationConfig
 
 
 class WeightQuant(BaseModel):
@@ -95,6 +95,8 @@ class LowRank(BaseModel):
 class QuantizeConfig(PassConfig):
     """Post-training quantization of transformer-block Linear layers (weight-only, W8A8, FP8, W4A8 + low-rank)."""
 
+    replaces_linears: ClassVar[bool] = True
+
     pass_: Literal["quantize"] = Field("quantize", alias="pass")
     weights: WeightQuant = Field(default_factory=WeightQuant, description="Weight format.")
     activations: ActivationQuant | None = Field(None, description="Activation format (None: weight-only).")
@@ -105,10 +107,6 @@ class QuantizeConfig(PassConfig):
                                                "final layer stay in full precision by default).")
     calibration: CalibrationConfig | None = Field(
         None, description="Calibration trajectories for this pass (default: the recipe's 'calibration').")
-    backend: Literal["native", "nncf"] = Field(
-        "native", description="'native': dit-compress's quantizer. 'nncf': run NNCF's PTQ (SmoothQuant + fake "
-                              "quantizers, INT8 only) on the same layers and calibration data, for a side-by-side "
-                              "comparison; such a model can be sampled and benchmarked but not saved.")
     bias_correction: bool = Field(
         True, description="Shift each layer's bias by the mean output error quantization causes on the calibration "
                           "rows (as NNCF's fast bias correction does).")
@@ -126,10 +124,6 @@ class QuantizeConfig(PassConfig):
                              "activations (W8A8)")
         if w.group_size and w.dtype == "fp8":
             raise ValueError("weights.group_size: fp8 weights use per-channel or per-tensor scales, not groups")
-        if self.backend == "nncf" and (w.dtype != "int8" or a is None or a.dtype != "int8" or a.mode != "static"
-                                       or a.timestep_groups > 1 or self.low_rank or not w.symmetric):
-            raise ValueError("backend: 'nncf' runs NNCF's INT8 PTQ, i.e. weights int8 symmetric and static int8 "
-                             "activations with one timestep group and no low_rank")
         if a is not None and a.mode == "dynamic" and a.timestep_groups > 1:
             raise ValueError("activations.timestep_groups: only static activation scales can depend on the timestep")
         return self
@@ -141,13 +135,13 @@ class QuantizeConfig(PassConfig):
 
 
 @QuantizeConfig.applies
-def apply_quantize(model: nn.Module, config: QuantizeConfig, ctx) -> nn.Module:
+def apply_quantize(model: nn.Module, config: QuantizeConfig, ctx: PassContext) -> nn.Module:
     names = select_block_linears(model, config.layers, "quantize")
+    if not names:
+        config.nothing_to_do(ctx, "no full-precision Linear layer in the transformer blocks matches 'layers' (already "
+                                  "quantized by an earlier pass, or no adaLN Linear inside the blocks)")
+        return model
     _check_groups(model, names, config)
-    if config.backend == "nncf":
-        from compress.passes.quantize_nncf import apply_nncf
-
-        return apply_nncf(model, names, config, ctx)
     simple = config.activations is None and not config.smoothing and not config.low_rank and config.weights.dtype != "fp8"
     if simple:
         return _weight_only(model, names, config, ctx)
@@ -171,16 +165,16 @@ def _check_groups(model: nn.Module, names: list[str], config: QuantizeConfig) ->
             )
 
 
-def _weight_only(model, names, config, ctx):
+def _weight_only(model, names, config, ctx: PassContext):
     adapter = get_adapter(model)
     bits = 8 if config.weights.dtype == "int8" else 4
     g = config.weights.group_size
-    with ctx.progress("quantizing weights", len(names)) as advance:
+    with ctx.run.progress("quantizing weights", len(names)) as advance:
         for name in names:
             lin = model.get_submodule(name)
             adapter.replace(name, WeightOnlyLinear.from_linear(lin, bits, g, config.weights.symmetric))
             advance()
-    ctx.note(f"{len(names)} Linear layers -> {config.weights.dtype} weights "
+    ctx.run.note(f"{len(names)} Linear layers -> {config.weights.dtype} weights "
              f"({'group ' + str(g) if g else 'per channel'}, {'sym' if config.weights.symmetric else 'asym'})")
     return model
 
@@ -247,25 +241,25 @@ def _fit_layer(lin, st, smooth, clips, step_group, edges, n_groups, fmt, bias_co
     return q, err, clip
 
 
-def _calibrated(model, names, config, ctx):
+def _calibrated(model, names, config, ctx: PassContext):
     adapter = get_adapter(model)
     fmt = _formats(config)
     a, sm = config.activations, config.smoothing
     stats = None
     if config.needs_calibration:
-        calib = ctx.calibration(config.calibration)
+        calib = ctx.calibration.rows(config.calibration)
         batch = 64
-        with ctx.progress(f"collecting input statistics of {len(names)} layers",
-                          len(step_batches(calib, batch))) as advance:
+        with ctx.run.progress(f"collecting input statistics of {len(names)} layers",
+                              len(step_batches(calib, batch))) as advance:
             stats = collect_input_stats(model, names, calib, max_rows=config.max_rows, batch_size=batch,
-                                        seed=ctx.seed, progress=advance)
+                                        seed=ctx.run.seed, progress=advance)
     n_groups = a.timestep_groups if a is not None and a.mode == "static" else 1
     if stats is not None:
         step_group, edges = _step_groups(stats.step_t, n_groups)
         n_groups = int(step_group.max()) + 1
     alphas, clips, errors = [], [], []
     bc = config.bias_correction
-    with ctx.progress("quantizing layers", len(names)) as advance:
+    with ctx.run.progress("quantizing layers", len(names)) as advance:
         for name in names:
             lin = model.get_submodule(name)
             if stats is None:  # dynamic activations / fp8 weight-only without smoothing: nothing to calibrate
@@ -294,8 +288,6 @@ def _calibrated(model, names, config, ctx):
             clips.append(clip)
             errors.append(err)
             advance(info=f"{name}: rel. err {err:.2e}")
-    if n_groups > 1:
-        track_timesteps(model)
     desc = (f"{len(names)} Linear layers -> W:{fmt['weight_format']}"
             f"{'/g' + str(fmt['group_size']) if fmt['group_size'] else ''} "
             f"A:{(a.dtype + '/' + a.mode) if a else 'none'}")
@@ -303,14 +295,14 @@ def _calibrated(model, names, config, ctx):
         desc += f" ({n_groups} timestep groups)"
     if config.low_rank:
         desc += f", low-rank branch r={config.low_rank.rank}"
-    ctx.note(desc)
+    ctx.run.note(desc)
     if errors:
         if sm:
-            ctx.note(f"smoothing{' (timestep-aware)' if sm.timestep_aware else ''}: alpha mean "
+            ctx.run.note(f"smoothing{' (timestep-aware)' if sm.timestep_aware else ''}: alpha mean "
                      f"{sum(alphas) / len(alphas):.2f} (min {min(alphas)}, max {max(alphas)})")
         if any(c < 1.0 for c in clips):
-            ctx.note(f"activation clipping: {sum(c < 1.0 for c in clips)} layers clipped, min ratio {min(clips)}")
+            ctx.run.note(f"activation clipping: {sum(c < 1.0 for c in clips)} layers clipped, min ratio {min(clips)}")
         worst = max(range(len(errors)), key=errors.__getitem__)
-        ctx.note(f"layer output rel. MSE: mean {sum(errors) / len(errors):.2e}, worst {errors[worst]:.2e} "
+        ctx.run.note(f"layer output rel. MSE: mean {sum(errors) / len(errors):.2e}, worst {errors[worst]:.2e} "
                  f"({names[worst]})")
     return model

@@ -3,8 +3,13 @@
 Passes never touch family-specific attribute names: they ask an adapter for the transformer blocks
 (both stream kinds for SD3/Flux), each block's attention projections and head layout, its MLP
 projections and width, and its adaLN modulation layers; and they ask it to remove a block or
-replace a sub-module. The adapter also knows how to call the denoiser (``forward(x, t, cond)``),
-so one sampler and one set of metrics serve every family.
+replace a sub-module. The adapter also knows how to call the denoiser (``forward(x, t, cond)``), what its
+conditions are and how it is sampled by default (its ``contract``), and how to rebuild the family's
+architecture from a recorded description (``architecture`` / ``build``), so one sampler, one set of
+metrics and one artifact format serve every family.
+
+A new family is one subclass registered with ``@register_adapter``: loading, provenance, artifact
+rebuild, calibration, export and the benchmark all go through this registry.
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from compress.models.provenance import record_edit
-
-Cond = dict[str, torch.Tensor]
+from compress.models.contract import Cond, ConditionSpec, SamplingContract
+from compress.models.provenance import provenance, record_edit
+from compress.nn.timestep import denoiser_call
 
 
 @dataclass
@@ -77,17 +82,48 @@ class BlockView:
 
 
 class ModelAdapter:
-    """Base class: one subclass per family, registered in ``ADAPTERS`` by family name."""
+    """Base class: one subclass per family, registered in ``ADAPTERS`` by ``@register_adapter``.
+
+    A subclass sets ``family``, ``prediction``, ``block_lists`` and ``default_guidance`` and implements
+    ``matches``, ``block_view``, ``denoise``, ``conditions``, ``architecture`` and ``build``.
+    """
 
     family: ClassVar[str] = ""
     prediction: ClassVar[str] = "epsilon"  # epsilon (DDPM) or flow (rectified flow / flow matching)
     block_lists: ClassVar[dict[str, str]] = {}  # block kind -> dotted path of its ModuleList
+    default_guidance: ClassVar[float] = 1.0  # the family's usual CFG scale (its pipeline's default)
+    # plain attributes an edit may change (head counts after head pruning); nothing else is settable
+    settable_attrs: ClassVar[frozenset[str]] = frozenset({"num_heads", "heads", "inner_dim", "head_dim"})
 
     def __init__(self, model: nn.Module):
         self.model = model
+        rec = provenance(model)
+        if rec["architecture"] is None:  # recorded before any edit, so an artifact can rebuild the source
+            rec["architecture"] = self.architecture()
 
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:  # pragma: no cover - overridden
+    def matches(cls, model: nn.Module) -> bool:
+        """Is ``model`` of this family?"""
+        raise NotImplementedError
+
+    # --- rebuilding the source architecture (artifacts) ---------------------------------------------
+    def architecture(self) -> dict:
+        """``{"class": ..., "config": {...}}``: enough to rebuild the un-edited module with ``build``."""
+        raise NotImplementedError
+
+    @classmethod
+    def handles(cls, architecture: dict) -> bool:
+        """Can ``build`` rebuild this recorded architecture?"""
+        return False
+
+    @classmethod
+    def check_architecture(cls, architecture: dict) -> None:
+        """Raise ``ValueError`` naming the field if a recorded architecture is out of bounds (checked before
+        anything is allocated, so a manifest cannot make the loader allocate for minutes)."""
+
+    @classmethod
+    def build(cls, architecture: dict) -> nn.Module:
+        """A freshly initialised module of the recorded architecture."""
         raise NotImplementedError
 
     # --- structure -------------------------------------------------------------------------
@@ -133,19 +169,36 @@ class ModelAdapter:
         setattr(self.model.get_submodule(path) if path else self.model, name, value)
         record_edit(self.model, {"op": "set_attr", "path": path, "name": name, "value": value})
 
-    def replay(self, edits: list[dict]) -> None:
-        """Re-apply recorded structural edits to a freshly built source model (artifact loading)."""
+    def replay(self, edits: list[dict], where: str = "edits") -> None:
+        """Re-apply recorded structural edits to a freshly built source model (artifact loading).
+
+        Edits come from a file: each is checked against what the adapter defines (known block kinds, existing
+        sub-modules, registered module types, the attributes in ``settable_attrs``) before it is applied.
+        """
+        from compress.errors import DitCompressError
         from compress.nn import build_module
 
-        for e in edits:
-            if e["op"] == "remove_blocks":
-                self.remove_blocks(e["kind"], e["indices"])
-            elif e["op"] == "replace":
-                self.replace(e["path"], build_module(e["spec"]))
-            elif e["op"] == "set_attr":
-                self.set_attr(e["path"], e["name"], e["value"])
-            else:
-                raise ValueError(f"unknown edit operation {e['op']!r}")
+        for i, e in enumerate(edits):
+            what = f"{where}: edit #{i + 1} ({e.get('op')!r})"
+            try:
+                if e["op"] == "remove_blocks":
+                    self.remove_blocks(e["kind"], e["indices"])
+                elif e["op"] == "replace":
+                    if not isinstance(self.model.get_submodule(e["path"]), nn.Module):
+                        raise AttributeError(f"{e['path']} is not a sub-module")
+                    self.replace(e["path"], build_module(e["spec"]))
+                elif e["op"] == "set_attr":
+                    target = self.model.get_submodule(e["path"]) if e["path"] else self.model
+                    old = getattr(target, e["name"], None)
+                    if e["name"] not in self.settable_attrs or type(old) is not type(e["value"]):
+                        raise AttributeError(f"attribute {e['name']!r} of {e['path'] or 'the model'} is not one an "
+                                             f"edit may set (settable: {', '.join(sorted(self.settable_attrs))})")
+                    self.set_attr(e["path"], e["name"], e["value"])
+                else:
+                    raise ValueError(f"unknown edit operation {e['op']!r}")
+            except (KeyError, IndexError, AttributeError, TypeError, ValueError) as err:
+                msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+                raise DitCompressError(f"{what}: {msg}; the manifest does not describe this model.") from None
 
     def after_structure_change(self) -> None:
         """Hook for families that cache layer counts in their config."""
@@ -154,9 +207,9 @@ class ModelAdapter:
         """Family, depth, width, heads, parameters — what ``dit-compress inspect`` prints."""
         blocks = self.blocks()
         attn = blocks[0].attentions[0] if blocks and blocks[0].attentions else None
-        params = sum(p.numel() for p in self.model.parameters())
-        size = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        size += sum(b.numel() * b.element_size() for b in self.model.buffers())
+        from compress.models.size import param_count, state_bytes
+
+        params, size = param_count(self.model), state_bytes(self.model)
         kinds = {k: len(self.model.get_submodule(p)) for k, p in self.block_lists.items()}
         return {
             "family": self.family,
@@ -176,19 +229,43 @@ class ModelAdapter:
     # --- calling the denoiser ----------------------------------------------------------------
     hidden_size: int
     latent_shape: tuple[int, ...]
-    num_classes: int | None = None
+
+    @property
+    def num_classes(self) -> int | None:
+        labels = [c for c in self.conditions() if c.kind == "label"]
+        return labels[0].num_classes if labels else None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """The denoiser's prediction (epsilon or velocity), with learned-sigma channels dropped."""
+        """The denoiser's prediction (epsilon or velocity), with learned-sigma channels dropped.
+
+        ``t`` is in [0, 1000] for every family; it is the current timestep (``compress.nn.timestep``) for
+        the layers of this call.
+        """
+        with denoiser_call(t):
+            return self.denoise(x, t, cond)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The family-specific call behind ``forward``."""
         raise NotImplementedError
 
-    def null_cond(self, cond: Cond) -> Cond:
-        """The unconditional branch for classifier-free guidance."""
+    def conditions(self) -> list[ConditionSpec]:
+        """The condition inputs (class labels, text embeddings...) and how their null form is made."""
         raise NotImplementedError
 
-    def example_cond(self, batch: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None) -> Cond:
-        """Seeded conditions of the right shapes: class labels, or random text embeddings."""
-        raise NotImplementedError
+    # --- how it is sampled ------------------------------------------------------------------------
+    def default_contract(self) -> SamplingContract:
+        """The family's defaults: its scheduler, 50 steps, its pipeline's usual guidance."""
+        return SamplingContract(family=self.family, prediction=self.prediction, latent_shape=list(self.latent_shape),
+                                conditions=self.conditions(), guidance_scale=self.default_guidance)
+
+    def contract(self) -> SamplingContract:
+        """How this model is sampled: recorded on the model (by loading or a pass), else the defaults."""
+        rec = provenance(self.model).get("sampling")
+        return SamplingContract.model_validate(rec) if rec else self.default_contract()
+
+    def set_contract(self, contract: SamplingContract) -> None:
+        """Record how this model must be sampled (saved in the artifact manifest and every export)."""
+        provenance(self.model)["sampling"] = contract.model_dump(mode="json")
 
 
 ADAPTERS: list[type[ModelAdapter]] = []
@@ -197,6 +274,11 @@ ADAPTERS: list[type[ModelAdapter]] = []
 def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
     ADAPTERS.append(cls)
     return cls
+
+
+def adapter_for_architecture(architecture: dict) -> type[ModelAdapter] | None:
+    """The registered adapter class that can rebuild ``architecture`` (None if none can)."""
+    return next((cls for cls in ADAPTERS if cls.handles(architecture)), None)
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:

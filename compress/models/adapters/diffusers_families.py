@@ -15,9 +15,14 @@ import torch
 from torch import nn
 
 from compress.models.adapters.base import AttentionView, BlockView, Cond, MLPView, ModelAdapter, register_adapter
+from compress.models.contract import ConditionSpec
 
-# Text embeddings that the unconditional branch zeroes (masks and guidance are kept as they are).
+# Text embeddings (moved to the latent's dtype; zeroed for the unconditional branch, an approximation of the
+# empty-prompt embedding). Masks and guidance are kept as they are.
 _EMBEDDINGS = ("encoder_hidden_states", "pooled_projections")
+TEXT_TOKENS = 8  # text tokens of the seeded embeddings used for calibration, tests and speed inputs
+# Bounds a recorded architecture must satisfy before anything is allocated (Flux is 3072 wide, 57 blocks).
+_MAX_WIDTH, _MAX_LAYERS = 16384, 1024
 
 
 def _is_instance(model: nn.Module, class_name: str) -> bool:
@@ -95,13 +100,52 @@ def _make_context_pre_only(block: nn.Module) -> None:
 
 
 class _DiffusersAdapter(ModelAdapter):
-    """Shared parts: config-derived widths, text conditions, keeping ``num_layers`` in sync."""
+    """Shared parts: config-derived widths, text conditions, keeping ``num_layers`` in sync, and rebuilding
+    from (and loading) diffusers configs of ``class_name``."""
 
     class_name = ""
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return _is_instance(model, cls.class_name)
+
+    def architecture(self) -> dict:
+        cfg = self.model.config
+        return {"class": type(self.model).__name__, "config": {k: v for k, v in dict(cfg).items()
+                                                               if not k.startswith("_")}}
+
+    @classmethod
+    def handles(cls, architecture: dict) -> bool:
+        return architecture.get("class") == cls.class_name
+
+    @classmethod
+    def check_architecture(cls, architecture: dict) -> None:
+        cfg = architecture.get("config")
+        if not isinstance(cfg, dict):
+            raise ValueError(f"architecture.config: missing (a {cls.class_name} needs its diffusers config)")
+        for key, limit in (("num_attention_heads", 1024), ("attention_head_dim", 1024), ("num_layers", _MAX_LAYERS),
+                           ("num_single_layers", _MAX_LAYERS), ("in_channels", 4096), ("sample_size", 4096),
+                           ("joint_attention_dim", _MAX_WIDTH), ("caption_channels", _MAX_WIDTH),
+                           ("cross_attention_dim", _MAX_WIDTH), ("pooled_projection_dim", _MAX_WIDTH)):
+            v = cfg.get(key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= limit):
+                raise ValueError(f"architecture.config.{key}: {v!r} is not an integer in 1..{limit}")
+        heads, dim = cfg.get("num_attention_heads") or 1, cfg.get("attention_head_dim") or 1
+        if heads * dim > _MAX_WIDTH:
+            raise ValueError(f"architecture.config: width {heads} x {dim} is above {_MAX_WIDTH}")
+
+    @classmethod
+    def build(cls, architecture: dict) -> nn.Module:
+        import diffusers
+
+        return getattr(diffusers, cls.class_name).from_config(architecture["config"])
+
+    @classmethod
+    def from_pretrained(cls, path) -> nn.Module:
+        """Load a local diffusers model directory of this class (never from a hub)."""
+        import diffusers
+
+        return getattr(diffusers, cls.class_name).from_pretrained(str(path), local_files_only=True)
 
     @property
     def hidden_size(self) -> int:
@@ -117,12 +161,9 @@ class _DiffusersAdapter(ModelAdapter):
         """Keep ``config.num_layers`` equal to the block count, so configs saved later describe the model."""
         self.model.register_to_config(num_layers=len(self.model.transformer_blocks))
 
-    def null_cond(self, cond: Cond) -> Cond:
-        """Zeroed text embeddings (an approximation of the empty-prompt embedding); other entries kept."""
-        return {k: torch.zeros_like(v) if k in _EMBEDDINGS else v for k, v in cond.items()}
-
-    def _randn(self, *shape: int, generator: torch.Generator | None) -> torch.Tensor:
-        return torch.randn(shape, generator=generator)
+    @staticmethod
+    def _text(name: str, *shape: int) -> ConditionSpec:
+        return ConditionSpec(name=name, kind="embedding", shape=list(shape), null="zeros")
 
 
 @register_adapter
@@ -138,10 +179,12 @@ class DiffusersDiTAdapter(_DiffusersAdapter):
     prediction = "epsilon"
     block_lists = {"block": "transformer_blocks"}
     class_name = "DiTTransformer2DModel"
+    default_guidance = 4.0  # DiTPipeline's default
 
-    @property
-    def num_classes(self) -> int:
-        return self.model.config.num_embeds_ada_norm
+    def conditions(self) -> list[ConditionSpec]:
+        """The extra label-embedding row (index num_classes) is the null class."""
+        return [ConditionSpec(name="y", kind="label", num_classes=self.model.config.num_embeds_ada_norm,
+                              null="null_label")]
 
     def block_view(self, kind: str, index: int, path: str, block: nn.Module) -> BlockView:
         return BlockView(
@@ -149,20 +192,10 @@ class DiffusersDiTAdapter(_DiffusersAdapter):
             mlps=[_feed_forward(f"{path}.ff", block.ff)], modulation=_modulation(block, ("norm1",)),
         )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         y = cond["y"].to(x.device).long()
         out = self.model(x, timestep=_batch_t(t, x), class_labels=y).sample
         return out[:, : self.model.config.in_channels]
-
-    def null_cond(self, cond: Cond) -> Cond:
-        """The extra label-embedding row (index num_classes) is the null class."""
-        return {"y": torch.full_like(cond["y"], self.num_classes)}
-
-    def example_cond(self, batch: int, generator: torch.Generator | None = None,
-                     labels: torch.Tensor | None = None) -> Cond:
-        if labels is None:
-            labels = torch.randint(0, self.num_classes, (batch,), generator=generator)
-        return {"y": labels.long()}
 
 
 @register_adapter
@@ -175,6 +208,7 @@ class PixArtAdapter(_DiffusersAdapter):
 
     family = "pixart"
     prediction = "epsilon"
+    default_guidance = 4.5  # PixArtAlphaPipeline's default
     block_lists = {"block": "transformer_blocks"}
     class_name = "PixArtTransformer2DModel"
 
@@ -184,7 +218,7 @@ class PixArtAdapter(_DiffusersAdapter):
             attns.append(_attention(f"{path}.attn2", block.attn2, kind="cross"))
         return BlockView(kind, index, path, block, attentions=attns, mlps=[_feed_forward(f"{path}.ff", block.ff)])
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         cond = _text_cond(cond, x)
         added = {"resolution": None, "aspect_ratio": None}
         if self.model.use_additional_conditions:  # PixArt-alpha 1024px: micro-conditions as the pipeline builds them
@@ -197,11 +231,10 @@ class PixArtAdapter(_DiffusersAdapter):
         ).sample
         return out[:, : self.model.config.in_channels]
 
-    def example_cond(self, batch: int, generator: torch.Generator | None = None,
-                     labels: torch.Tensor | None = None) -> Cond:
+    def conditions(self) -> list[ConditionSpec]:
         c = self.model.config
         dim = c.caption_channels if c.caption_channels is not None else c.cross_attention_dim
-        return {"encoder_hidden_states": self._randn(batch, 8, dim, generator=generator)}
+        return [self._text("encoder_hidden_states", TEXT_TOKENS, dim)]
 
 
 @register_adapter
@@ -214,6 +247,7 @@ class SD3Adapter(_DiffusersAdapter):
 
     family = "sd3"
     prediction = "flow"
+    default_guidance = 7.0  # StableDiffusion3Pipeline's default
     block_lists = {"joint": "transformer_blocks"}
     class_name = "SD3Transformer2DModel"
 
@@ -238,18 +272,17 @@ class SD3Adapter(_DiffusersAdapter):
         dual = tuple(i for i, b in enumerate(blocks) if b.use_dual_attention)
         self.model.register_to_config(num_layers=len(blocks), dual_attention_layers=dual)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         cond = _text_cond(cond, x)
         return self.model(
             x, encoder_hidden_states=cond["encoder_hidden_states"], pooled_projections=cond["pooled_projections"],
             timestep=_batch_t(t, x),
         ).sample
 
-    def example_cond(self, batch: int, generator: torch.Generator | None = None,
-                     labels: torch.Tensor | None = None) -> Cond:
+    def conditions(self) -> list[ConditionSpec]:
         c = self.model.config
-        return {"encoder_hidden_states": self._randn(batch, 8, c.joint_attention_dim, generator=generator),
-                "pooled_projections": self._randn(batch, c.pooled_projection_dim, generator=generator)}
+        return [self._text("encoder_hidden_states", TEXT_TOKENS, c.joint_attention_dim),
+                self._text("pooled_projections", c.pooled_projection_dim)]
 
 
 @register_adapter
@@ -263,6 +296,7 @@ class FluxAdapter(_DiffusersAdapter):
 
     family = "flux"
     prediction = "flow"
+    default_guidance = 1.0  # FluxPipeline: no CFG (dev embeds its guidance, schnell needs none)
     block_lists = {"joint": "transformer_blocks", "single": "single_transformer_blocks"}
     class_name = "FluxTransformer2DModel"
 
@@ -292,7 +326,7 @@ class FluxAdapter(_DiffusersAdapter):
         m = self.model
         m.register_to_config(num_layers=len(m.transformer_blocks), num_single_layers=len(m.single_transformer_blocks))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         cond = _text_cond(cond, x)
         n, side = x.shape[1], math.isqrt(x.shape[1])
         if side * side != n:
@@ -312,11 +346,11 @@ class FluxAdapter(_DiffusersAdapter):
             guidance=guidance,
         ).sample
 
-    def example_cond(self, batch: int, generator: torch.Generator | None = None,
-                     labels: torch.Tensor | None = None) -> Cond:
+    def conditions(self) -> list[ConditionSpec]:
+        """Text embeddings, and for guidance-distilled Flux (dev) the embedded guidance FluxPipeline feeds."""
         c = self.model.config
-        cond = {"encoder_hidden_states": self._randn(batch, 8, c.joint_attention_dim, generator=generator),
-                "pooled_projections": self._randn(batch, c.pooled_projection_dim, generator=generator)}
+        out = [self._text("encoder_hidden_states", TEXT_TOKENS, c.joint_attention_dim),
+               self._text("pooled_projections", c.pooled_projection_dim)]
         if c.guidance_embeds:
-            cond["guidance"] = torch.full((batch,), 3.5)
-        return cond
+            out.append(ConditionSpec(name="guidance", kind="scalar", value=3.5, null="same"))
+        return out

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from compress.models.adapters.base import AttentionView, BlockView, Cond, MLPView, ModelAdapter, register_adapter
-from compress.models.dit import DiT
+from compress.models.contract import ConditionSpec
+from compress.models.dit import DiT, DiTConfig
+
+# Bounds a recorded architecture must satisfy before anything is allocated (DiT-XL/2 is 1152 wide, 28 deep).
+_MAX_PARAMS = 50e9
 
 
 @register_adapter
@@ -13,10 +19,46 @@ class NativeDiTAdapter(ModelAdapter):
     family = "dit"
     prediction = "epsilon"
     block_lists = {"block": "blocks"}
+    default_guidance = 4.0  # the official sample.py default
 
     @classmethod
     def matches(cls, model) -> bool:
         return isinstance(model, DiT)
+
+    def architecture(self) -> dict:
+        return {"class": "DiT", "config": self.model.config.to_dict()}
+
+    @classmethod
+    def handles(cls, architecture: dict) -> bool:
+        return architecture.get("class") == "DiT"
+
+    @classmethod
+    def check_architecture(cls, architecture: dict) -> None:
+        cfg = architecture.get("config")
+        if not isinstance(cfg, dict):
+            raise ValueError("architecture.config: missing (a DiT needs its DiTConfig fields)")
+        unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(DiTConfig)})
+        if unknown:
+            raise ValueError(f"architecture.config: unknown DiT fields {unknown}")
+        types = {f.name: f.type for f in dataclasses.fields(DiTConfig)}  # "int" / "float" / "bool" (annotations)
+        for k, v in cfg.items():
+            ok = {"bool": isinstance(v, bool), "int": isinstance(v, int) and not isinstance(v, bool),
+                  "float": isinstance(v, int | float) and not isinstance(v, bool)}[types[k]]
+            if not ok:
+                raise ValueError(f"architecture.config.{k}: expected {types[k]}, got {v!r}")
+            if types[k] != "bool" and not 0 <= v <= 1_000_000:
+                raise ValueError(f"architecture.config.{k}: {v} is out of range")
+        c = DiTConfig(**cfg)
+        if min(c.input_size, c.patch_size, c.in_channels, c.hidden_size, c.depth, c.num_heads, c.num_classes) < 1:
+            raise ValueError("architecture.config: sizes must be positive")
+        est = c.depth * 12 * c.hidden_size**2 * (1 + c.mlp_ratio / 4) + (c.num_classes + 1) * c.hidden_size
+        if est > _MAX_PARAMS:
+            raise ValueError(f"architecture.config: about {est:.3g} parameters, more than any DiT this loader "
+                             f"accepts ({_MAX_PARAMS:.0e})")
+
+    @classmethod
+    def build(cls, architecture: dict) -> DiT:
+        return DiT(DiTConfig(**architecture["config"]))
 
     @property
     def hidden_size(self) -> int:
@@ -27,9 +69,8 @@ class NativeDiTAdapter(ModelAdapter):
         c = self.model.config
         return (c.in_channels, c.input_size, c.input_size)
 
-    @property
-    def num_classes(self) -> int:
-        return self.model.config.num_classes
+    def conditions(self) -> list[ConditionSpec]:
+        return [ConditionSpec(name="y", kind="label", num_classes=self.model.config.num_classes, null="null_label")]
 
     def block_view(self, kind, index, path, block) -> BlockView:
         a = block.attn
@@ -40,14 +81,6 @@ class NativeDiTAdapter(ModelAdapter):
             modulation=[block.adaLN_modulation[1]],
         )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         out = self.model(x, t, cond["y"])
         return out[:, : self.model.in_channels]
-
-    def null_cond(self, cond: Cond) -> Cond:
-        return {"y": torch.full_like(cond["y"], self.num_classes)}
-
-    def example_cond(self, batch, generator=None, labels=None) -> Cond:
-        if labels is None:
-            labels = torch.randint(0, self.num_classes, (batch,), generator=generator)
-        return {"y": labels.long()}

@@ -16,49 +16,24 @@ import torch
 from torch import nn
 
 from compress.diffusion.schedules import make_scheduler
+from compress.machine import peak_rss_mb, reset_peak_rss
 from compress.models.adapters import Cond, get_adapter
+from compress.models.contract import SamplingContract
 
 
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (or buffer); CPU for a module with neither."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def tensor_bytes(model: nn.Module) -> int:
-    """Bytes held by parameters and buffers (what an uncompressed weights file would hold)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return total + sum(b.numel() * b.element_size() for b in model.buffers())
-
-
-def _to(cond: Cond, device: torch.device) -> Cond:
-    return {k: v.to(device) for k, v in cond.items()}
-
-
-def speed_inputs(model: nn.Module, batch: int, seed: int, sampler: str = "default",
-                 steps: int = 50) -> tuple[torch.Tensor, torch.Tensor, Cond]:
-    """Fixed, seeded transformer inputs: ``example_cond`` + randn latents + a mid-schedule timestep."""
-    adapter = get_adapter(model)
+def speed_inputs(contract: SamplingContract, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, Cond]:
+    """Fixed, seeded transformer inputs: seeded conditions + randn latents + a mid-schedule timestep (CPU)."""
     gen = torch.Generator().manual_seed(seed)
-    cond = adapter.example_cond(batch, gen)
-    x = torch.randn((batch, *adapter.latent_shape), generator=gen)
-    sched = make_scheduler(sampler, adapter.prediction)
-    sched.set_timesteps(max(steps, 2))
+    cond = contract.example_cond(batch, gen)
+    x = torch.randn((batch, *contract.latent_shape), generator=gen)
+    sched = make_scheduler(contract.sampler, contract.prediction)
+    sched.set_timesteps(max(contract.steps, 2))
     t = sched.timesteps[len(sched.timesteps) // 2].expand(batch)
-    device = model_device(model)
-    return x.to(device), t.to(device), _to(cond, device)
+    return x, t, cond
 
 
 @torch.no_grad()
-def macs_per_call(model: nn.Module, seed: int = 0, sampler: str = "default") -> int | None:
+def macs_per_call(model: nn.Module, seed: int = 0) -> int | None:
     """Analytic multiply-accumulates of one PyTorch transformer call at batch 1 (FLOPs / 2).
 
     Counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention); None
@@ -67,11 +42,12 @@ def macs_per_call(model: nn.Module, seed: int = 0, sampler: str = "default") -> 
     from torch.utils.flop_counter import FlopCounterMode
 
     adapter = get_adapter(model)
-    x, t, cond = speed_inputs(model, 1, seed, sampler)
+    x, t, cond = speed_inputs(adapter.contract(), 1, seed)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
         with FlopCounterMode(display=False) as counter:
-            adapter.forward(x, t, cond)
-    except Exception:  # an op the counter cannot run through: report "unknown", not a crash
+            adapter.forward(x.to(device), t.to(device), {k: v.to(device) for k, v in cond.items()})
+    except Exception:  # noqa: BLE001 - an op the counter cannot run through: report "unknown", not a crash
         return None
     return int(counter.get_total_flops() // 2)
 
@@ -88,45 +64,18 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
-        self.available = self.cuda or self._rss_supported()
-
-    @staticmethod
-    def _rss_supported() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return _vm_hwm_kb() is not None
-        except OSError:
-            return False
+        self.available = self.cuda or (reset_peak_rss() and peak_rss_mb() is not None)
 
     def reset(self) -> None:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.available:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-            except OSError:
-                self.available = False
+            self.available = reset_peak_rss()
 
     def read_mb(self) -> float | None:
         if self.cuda:
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        if not self.available:
-            return None
-        kb = _vm_hwm_kb()
-        return None if kb is None else kb / 1024
-
-
-def _vm_hwm_kb() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+        return peak_rss_mb() if self.available else None
 
 
 # ---- interleaved timing ---------------------------------------------------------------------------

@@ -6,6 +6,12 @@ import json
 import math
 from pathlib import Path
 
+from compress.io import atomic_write_bytes, atomic_write_text
+
+PEAK_MEM_NOTE_CPU = ("Peak memory is the peak resident set size (RSS) of the whole benchmark process while that "
+                     "variant's transformer calls ran (VmHWM, reset before each call): it includes Python, torch and "
+                     "every loaded model, so compare differences between rows rather than absolute values.")
+PEAK_MEM_NOTE_CUDA = "Peak memory is torch.cuda.max_memory_allocated during that variant's transformer calls."
 SPEED_NOTE = (
     "Speed: one transformer call at batch {speed_batch} on fixed seeded inputs (a mid-schedule timestep), "
     "{warmup} untimed warm-up calls then {repeats} timed calls (time.perf_counter) per variant, interleaved "
@@ -14,11 +20,19 @@ SPEED_NOTE = (
 )
 
 
-from compress.io import atomic_write_bytes, atomic_write_text  # noqa: E402,F401  (re-exported)
-
 
 def write_json(report: dict, path: Path) -> Path:
     return atomic_write_text(path, json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+
+def sampling_summary(report: dict) -> str:
+    """'50 steps, CFG 1.5' when every variant samples alike, else 'each variant's own steps / guidance'."""
+    vs = report["variants"]
+    steps = {v["steps"] for v in vs}
+    cfgs = {v.get("cfg_scale") for v in vs}
+    s = f"{steps.pop()} steps" if len(steps) == 1 else "each variant's own steps"
+    s += f", CFG {cfgs.pop()}" if len(cfgs) == 1 else ", each variant's own guidance"
+    return s
 
 
 # ---- formatting -------------------------------------------------------------------------------
@@ -62,8 +76,8 @@ def write_markdown(report: dict, path: Path) -> Path:
     lines = [
         f"# Benchmark: {report['variants'][0]['name']} and {len(report['variants']) - 1} variant(s)",
         "",
-        f"- **Config**: {c['samples']} samples, {c['steps']} steps (default), CFG {c['cfg_scale']}, "
-        f"sampler {c['sampler']}, seed {c['seed']}; speed batch {c['speed_batch']}, warm-up {c['warmup']}, "
+        f"- **Config**: {c['samples']} samples, {sampling_summary(report)}, seed {c['seed']}; speed batch "
+        f"{c['speed_batch']}, warm-up {c['warmup']}, "
         f"repeats {c['repeats']}; quality {'on' if c['quality'] else 'off'}, speed {'on' if c['speed'] else 'off'}",
         f"- **Machine**: {m['summary']}",
         "",
@@ -90,7 +104,7 @@ def print_table(report: dict, console) -> None:
     from rich.table import Table
 
     c = report["config"]
-    t = Table(title=f"{c['samples']} samples, {c['steps']} steps, CFG {c['cfg_scale']} — {report['machine']['summary']}",
+    t = Table(title=f"{c['samples']} samples, {sampling_summary(report)} — {report['machine']['summary']}",
               caption="speed: median of interleaved timed calls; peak mem: " + report["notes"]["peak_mem_kind"])
     for i, col in enumerate(COLUMNS):
         t.add_column(col, justify="left" if i < 2 else "right", no_wrap=i == 0)
@@ -173,7 +187,7 @@ def plot_pareto(report: dict, path: Path) -> Path | None:
     ax.set_xlabel("latency, ms per image (median, lower is better)")
     ax.set_ylabel(label)
     c = report["config"]
-    ax.set_title(f"Quality vs latency — {c['samples']} samples, CFG {c['cfg_scale']}, "
+    ax.set_title(f"Quality vs latency — {c['samples']} samples, {sampling_summary(report)}, "
                  f"batch {c['speed_batch']}\n{report['machine']['summary']}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     leg = ax.legend(loc="best", fontsize=8, framealpha=0.8)
