@@ -146,7 +146,8 @@ def load(path: str | Path, *, verify: bool = True) -> nn.Module:
     try:
         adapter_cls.check_architecture(arch)
     except ValueError as e:
-        raise DitCompressError(f"{d / ARTIFACT.marker}: field '{e}'.") from None
+        field, _, msg = str(e).partition(": ")
+        raise DitCompressError(f"{d / ARTIFACT.marker}: field '{field}': {msg}.") from None
     try:
         model = adapter_cls.build(arch)
     except Exception as e:  # noqa: BLE001 - a config the family's constructor rejects

@@ -99,17 +99,11 @@ def torch_finite(x) -> bool:
 
 def _check_file_output(out: Path, suffix: str | None = None) -> None:
     """Fail before any work if ``out`` (a file to write) cannot be written."""
+    from compress.io import check_parent_writable
+
     if out.is_dir():
         raise DitCompressError(f"{out}: is a directory; give a file name{f' ending in {suffix}' if suffix else ''}.")
-    probe = out.parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise DitCompressError(f"{out}: cannot be created: {probe} is a file, not a directory.")
-    import os
-
-    if not os.access(probe, os.W_OK):
-        raise DitCompressError(f"{out}: cannot be created: {probe} is not writable.")
+    check_parent_writable(out)
 
 
 @app.command()
@@ -334,13 +328,17 @@ def bench(artifacts: list[str] = typer.Argument(None, help="artifact dirs, model
     else:
         if not artifacts:
             raise DitCompressError("bench: give artifact directories to compare, or --suite SUITE.yaml.")
+        given = {"samples": samples, "steps": steps, "cfg_scale": cfg, "repeats": repeats, "speed_batch": speed_batch}
         try:
-            config = BenchConfig(samples=samples, steps=steps, cfg_scale=cfg, repeats=repeats, speed_batch=speed_batch)
+            config = BenchConfig(**given)
         except ValidationError as e:
-            raise DitCompressError(f"bench: {describe_errors(e, {})}.") from None
+            raise DitCompressError(f"bench: {describe_errors(e, given)}.") from None
         base = variant_from_source(baseline, where="--baseline")
         variants = [variant_from_source(a) for a in artifacts]
-    run_bench(base, variants, config, out, console=console)
+    report = run_bench(base, variants, config, out, console=console)
+    if report["notes"]["non_finite"]:
+        raise DitCompressError(f"bench: {', '.join(report['notes']['non_finite'])} produced non-finite samples "
+                               f"(NaN/Inf): broken model(s), no quality figures for them (the report in {out} says so).")
 
 
 DEMO_RECIPES = ("int8-weights", "int4-weights-g32", "w8a8-int8", "w4a8-svd")

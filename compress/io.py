@@ -122,17 +122,24 @@ def _fnmatch(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def check_output_path(out: Path, kinds: tuple[DirKind, ...], force: bool) -> None:
-    """Fail fast, before any long work, if ``out`` cannot be written (or replaced) as one of ``kinds``."""
+def check_parent_writable(out: Path) -> None:
+    """Fail fast if ``out`` could not be created: its nearest existing ancestor is a file or not writable."""
     out = Path(out)
-    parent = out.parent
-    probe = parent
-    while not probe.exists():
+    probe = out.parent
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
         raise DitCompressError(f"{out}: cannot be created: {probe} is a file, not a directory.")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise DitCompressError(f"{out}: cannot be created: {probe} is not writable.")
+    try:  # a real write, not os.access: root ignores permission bits but not read-only filesystems
+        os.rmdir(tempfile.mkdtemp(prefix=".dit-compress-probe-", dir=probe))
+    except OSError as e:
+        raise DitCompressError(f"{out}: cannot be created: {probe} is not writable ({e.strerror}).") from None
+
+
+def check_output_path(out: Path, kinds: tuple[DirKind, ...], force: bool) -> None:
+    """Fail fast, before any long work, if ``out`` cannot be written (or replaced) as one of ``kinds``."""
+    out = Path(out)
+    check_parent_writable(out)
     if out.exists() or out.is_symlink():
         if not force:
             raise DitCompressError(f"{out}: already exists; pass --force (force=True) to replace it.")

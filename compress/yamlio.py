@@ -185,11 +185,15 @@ def describe_errors(e: ValidationError, data: Any, model_cls: type[BaseModel] | 
             path = path[2:]
         field = _dotted(path)
         if typ in ("union_tag_invalid", "union_tag_not_found"):
-            known = ", ".join(tags) if tags else ", ".join(err.get("ctx", {}).get("expected_tags", "").split(", "))
-            got = (err.get("input") or {}).get("pass") if isinstance(err.get("input"), dict) else None
-            text = (f"unknown pass {got!r}; known passes: {known}" if typ == "union_tag_invalid"
-                    else f"missing 'pass:' key naming the pass (one of {known})")
-            grouped.setdefault((where, ""), []).append(text)
+            key = re.findall(r"'(\w+)'", str(err.get("ctx", {}).get("discriminator", "")))
+            key = key[-1] if key else "type"
+            expected = tags or re.findall(r"'([^']+)'", str(err.get("ctx", {}).get("expected_tags", "")))
+            known = ", ".join(expected)
+            got = err["input"].get(key) if isinstance(err.get("input"), dict) else None
+            noun = "pass" if key == "pass" else key
+            text = (f"unknown {noun} {got!r}; known {noun}{'es' if noun == 'pass' else 's'}: {known}"
+                    if typ == "union_tag_invalid" else f"missing '{key}:' key (one of {known})")
+            grouped.setdefault((where, field), []).append(text)
             continue
         if typ == "extra_forbidden":
             allowed = _allowed(model_cls, full[:-1], data)

@@ -257,6 +257,10 @@ class OnnxRunner(Runner):
         if self.names != self.meta["inputs"]:
             raise DitCompressError(f"{d}: model.onnx has inputs {self.names} but export.json records "
                                    f"{self.meta['inputs']}; the files do not belong together. Export again.")
+        latent = self.session.get_inputs()[0].shape[1:]
+        if [d for d in latent] != list(self.contract.latent_shape):
+            raise DitCompressError(f"{d}: model.onnx takes latents {latent} but export.json records "
+                                   f"{self.contract.latent_shape}; the files do not belong together. Export again.")
         self.cond_keys = self.meta["inputs"][2:]
         self.provider = self.session.get_providers()[0]  # the one actually used (see ENVIRONMENT notes)
         self.params = self.meta.get("params")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
-
 # The DiT paper's training schedule: 1000 steps, linear betas 1e-4 -> 0.02.
 DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 
@@ -11,7 +9,11 @@ SAMPLERS = ("ddim", "dpm", "ddpm", "euler")
 
 
 def make_scheduler(kind: str, prediction: str = "epsilon"):
-    """A fresh diffusers scheduler. ``prediction`` is 'epsilon' (DDPM-trained DiT/PixArt) or 'flow' (SD3/Flux)."""
+    """A fresh diffusers scheduler. ``prediction`` is 'epsilon' (DDPM-trained DiT/PixArt) or 'flow' (SD3/Flux).
+
+    diffusers is imported here, not at module level: ``import compress`` stays fast for the CLI.
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
     if prediction == "flow":
         if kind not in ("euler", "default"):
             raise ValueError(f"flow-matching models sample with 'euler', not {kind!r}")
@@ -25,6 +27,7 @@ def make_scheduler(kind: str, prediction: str = "epsilon"):
     raise ValueError(f"unknown sampler {kind!r}; choose one of {', '.join(SAMPLERS)}")
 
 
-def training_scheduler() -> DDPMScheduler:
-    """The forward-noising process used to train (and recover) epsilon-prediction models."""
+def training_scheduler():
+    """The forward-noising process used to train (and recover) epsilon-prediction models (a DDPMScheduler)."""
+    from diffusers import DDPMScheduler
     return DDPMScheduler(**DIT_SCHEDULE, clip_sample=False)

@@ -46,6 +46,11 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         raise DitCompressError(f"{path}: the file is empty (0 bytes); the checkpoint was not written completely.")
     if path.suffix == ".safetensors":
         return read_safetensors(path)
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # neither torch's zip format nor a legacy pickle
+        raise DitCompressError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip format nor a pickle; "
+                               f"it starts with {head!r}). Pass a .pt/.pth written by torch.save, or a .safetensors.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

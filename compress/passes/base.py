@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from compress.calibration import CalibrationSource
@@ -99,6 +99,17 @@ class LayerSelection(BaseModel):
         "skip", description="adaLN modulation layers: 'skip' (default; they scale every activation, so they are "
                             "sensitive), 'include' them too, or touch 'only' them (e.g. INT8 weights for adaLN "
                             "beside INT4 blocks).")
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _patterns_compile(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if p.startswith("re:"):
+                try:
+                    re.compile(p[3:])
+                except re.error as e:
+                    raise ValueError(f"pattern {p!r} is not a valid regular expression ({e})") from None
+        return v
 
 
 def _match(name: str, pattern: str) -> bool:
