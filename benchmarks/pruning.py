@@ -8,7 +8,8 @@ Every depth variant gets the same recovery budget (the ``distill`` pass of ``pru
 ``prune-depth-half-learned.yaml`` repeats); only the selection method differs. Trained variants are saved under ``runs/pruning/<name>`` and their
 training checkpoints under ``runs/pruning/<name>.work``: re-running the command resumes a killed run
 and reuses finished artifacts. The recovery trains on the teacher's trajectories and, for the
-diffusion loss, on the real digits (the reference model's training data, shipped in scikit-learn).
+diffusion loss, on the real digits (the reference model's training data, shipped in scikit-learn; the
+recipes' ``data.real: auto``).
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from safetensors.torch import save_file
 
 import compress
 from compress.bench import BenchConfig, Variant, run_bench
 from compress.io import WorkDir
 from compress.models.provenance import provenance
-from compress.models.reference import REFERENCE_CFG, REFERENCE_STEPS, digits_dataset
+from compress.models.reference import REFERENCE_CFG, REFERENCE_STEPS
 from compress.passes import CalibrationConfig, PassContext
 from compress.recipe import load_recipe, parse_recipe
 
@@ -36,26 +36,15 @@ DEPTH_METHODS = {"every-other": ("prune-depth-half", "uniform"), "drop-last": ("
                  "learned": ("prune-depth-half-learned", "learned")}
 
 
-def digits_file() -> Path:
-    """The digits as a ``data.real`` file (latents + class labels)."""
-    path = RUNS / "digits.safetensors"
-    if not path.exists():
-        images, labels = digits_dataset()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"latents": images.contiguous(), "y": labels.contiguous()}, str(path))
-    return path
-
-
 def recipe_with(name: str, steps: int | None, first_pass: dict | None = None) -> dict:
-    """A bundled recipe as a dict, with the recovery on real digits and optionally other settings."""
+    """A bundled recipe as a dict, as shipped (its recovery uses the digits through ``data.real: auto``), with
+    optionally another selection method or recovery length."""
     data = load_recipe(name).model_dump(mode="json", by_alias=True)
     if first_pass:
         data["passes"][0].update(first_pass)
     for p in data["passes"]:
-        if p["pass"] == "distill":
-            p["data"]["real"] = str(digits_file())
-            if steps is not None:
-                p["steps"] = steps
+        if p["pass"] == "distill" and steps is not None:
+            p["steps"] = steps
     return data
 
 

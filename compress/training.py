@@ -69,9 +69,11 @@ class TrainingData(BaseModel):
         None, description="Teacher sampling trajectories recorded for training (images, steps, guidance); default: "
                           "the recipe's calibration trajectories.")
     real: str | None = Field(
-        None, description="Optional real data: a .safetensors file with 'latents' (N, *latent shape) and the "
-                          "conditions by name (e.g. 'y' class labels); used instead of the teacher's samples as "
-                          "the diffusion loss's clean data.")
+        "auto", description="Clean data for the diffusion loss: 'auto' (the source's own training data when "
+                            "dit-compress ships it, i.e. the digits for the bundled reference models; otherwise the "
+                            "teacher's samples), 'digits' (the bundled digits), None (the teacher's samples), or a "
+                            ".safetensors file with 'latents' (N, *latent shape) and the conditions by name (e.g. "
+                            "'y' class labels).")
     trajectory_fraction: float = Field(0.5, ge=0, le=1, description="Share of each batch taken from trajectory rows "
                                                                      "(the rest is forward-noised clean data).")
     uncond_prob: float = Field(0.1, ge=0, le=1, description="Forward-noised rows given the null condition, so the "
@@ -157,10 +159,19 @@ class TrainingBatches:
     def __init__(self, source: CalibrationSource, cfg: TrainingData, contract: SamplingContract):
         self.contract, self.cfg = contract, cfg
         self.traj = source.rows(cfg.trajectories)
-        if cfg.real is not None:
-            self.x0, self.cond0 = _load_real(Path(cfg.real), contract)
+        real = cfg.real
+        if real == "auto":
+            from compress.models.reference import REFERENCES
+
+            src = provenance(source.model).get("source") or {}
+            real = "digits" if src.get("name") in REFERENCES else None
+        if real == "digits":
+            self.x0, self.cond0 = _digits(contract)
+        elif real is not None:
+            self.x0, self.cond0 = _load_real(Path(real), contract)
         else:
             self.x0, self.cond0 = self.traj.final, self.traj.final_cond
+        self.real = real
         self.flow = contract.prediction == "flow"
         self.alphas = training_scheduler().alphas_cumprod.float()
 
@@ -195,6 +206,18 @@ class TrainingBatches:
         t = torch.cat([p[1] for p in parts])
         cond = parts[0][2] if len(parts) == 1 else cat_cond(parts[0][2], parts[1][2])
         return x, t, cond, target, n_traj
+
+
+def _digits(contract: SamplingContract) -> tuple[torch.Tensor, Cond]:
+    """The bundled digits (the reference models' training data) as clean data with their labels."""
+    from compress.models.reference import digits_dataset
+
+    if (tuple(contract.latent_shape), contract.num_classes) != ((1, 8, 8), 10):
+        raise DitCompressError(f"training data.real: 'digits' are 1x8x8 images of 10 classes; this model takes "
+                               f"{tuple(contract.latent_shape)} latents and {contract.num_classes} classes.")
+    images, labels = digits_dataset()
+    label = next(c.name for c in contract.conditions if c.kind == "label")
+    return images, {label: labels}
 
 
 def _load_real(path: Path, contract: SamplingContract) -> tuple[torch.Tensor, Cond]:

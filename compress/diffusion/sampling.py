@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from compress.diffusion.schedules import make_scheduler
+from compress.diffusion.schedules import STOCHASTIC, make_scheduler, set_schedule
 from compress.models.adapters import Cond, ModelAdapter, get_adapter
 from compress.models.contract import SamplingContract
 
@@ -75,10 +75,12 @@ def sample(
     call, own = resolve(denoiser)
     c = contract or own
     sched = make_scheduler(c.sampler, c.prediction)
-    sched.set_timesteps(c.steps)
+    set_schedule(sched, c.sampler, c.prediction, c.steps, c.timesteps)
     gen = torch.Generator().manual_seed(seed)
     x = noise * getattr(sched, "init_noise_sigma", 1.0)  # flow-matching schedulers start at unit noise
     guided = c.guided
+    if c.guidance_input is not None:  # guidance baked in: the scale is an input, one call per step
+        cond = {**cond, c.guidance_input: torch.full((noise.shape[0],), float(c.guidance_scale))}
     full_cond = cat_cond(cond, c.null_cond(cond)) if guided else cond
     calls = 0
     for i, t in enumerate(sched.timesteps):
@@ -93,7 +95,9 @@ def sample(
         if guided:
             cond_out, uncond_out = out.chunk(2)
             out = uncond_out + c.guidance_scale * (cond_out - uncond_out)
-        kwargs = {"generator": gen} if c.sampler == "ddpm" else {}
+        kwargs = {"generator": gen} if c.sampler in STOCHASTIC else {}
+        if c.sampler == "tcd":
+            kwargs["eta"] = c.eta
         x = sched.step(out, t, x, **kwargs).prev_sample
     return SampleResult(samples=x, nfe=c.nfe, calls=calls)
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from compress.errors import DitCompressError
 
 Cond = dict[str, torch.Tensor]
 
@@ -42,11 +44,34 @@ class SamplingContract(BaseModel):
     prediction: Literal["epsilon", "flow"] = Field(..., description="What the denoiser predicts.")
     latent_shape: list[int] = Field(..., min_length=1, description="Per-sample latent shape.")
     conditions: list[ConditionSpec] = Field(default_factory=list, description="Condition inputs, in input order.")
-    sampler: str = Field("default", description="Scheduler: ddim | dpm | ddpm (epsilon), euler (flow); 'default' "
-                                                "is ddim / euler.")
+    sampler: str = Field("default", description="Scheduler: ddim | dpm | unipc | ddpm | tcd | lcm (epsilon), euler | "
+                                                "flow-lcm (flow); 'default' is ddim / euler. tcd with eta 0 is "
+                                                "deterministic DDIM on any timesteps, lcm / flow-lcm multistep "
+                                                "consistency sampling (re-noising between steps).")
     steps: int = Field(50, ge=1, le=10_000, description="Sampling steps.")
+    timesteps: list[float] | None = Field(
+        None, description="An explicit, descending schedule in [0, 1000) that a distilled student was trained on "
+                          "(len = steps); None: the scheduler's own spacing for 'steps'.")
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="tcd: 0 deterministic, 1 full re-noising between steps.")
     guidance_scale: float = Field(1.0, ge=0.0, le=100.0, description="Classifier-free guidance scale (1 = no "
-                                                                     "unconditional branch).")
+                                                                     "unconditional branch), or the value fed to "
+                                                                     "'guidance_input'.")
+    guidance_input: str | None = Field(
+        None, description="Guidance baked into the denoiser: the scalar condition that takes the guidance scale. "
+                          "One call per step, no unconditional branch.")
+    cache: dict | None = Field(None, description="Step-cache policy every sampler and runner applies (None: off).")
+
+    @model_validator(mode="after")
+    def _schedule(self):
+        if self.timesteps is not None:
+            ts = self.timesteps
+            if len(ts) != self.steps:
+                raise ValueError(f"timesteps: {len(ts)} timesteps for {self.steps} steps")
+            if any(not 0 <= t < 1000 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+                raise ValueError("timesteps: must be strictly descending, in [0, 1000)")
+        if self.guidance_input is not None and self.guidance_input not in {c.name for c in self.conditions}:
+            raise ValueError(f"guidance_input: {self.guidance_input!r} is not one of the conditions")
+        return self
 
     # -- conditions ------------------------------------------------------------------------------------
     @property
@@ -65,7 +90,8 @@ class SamplingContract(BaseModel):
             elif c.kind == "embedding":
                 out[c.name] = torch.randn((batch, *c.shape), generator=generator)
             else:
-                out[c.name] = torch.full((batch,), float(c.value if c.value is not None else 0.0))
+                value = self.guidance_scale if c.name == self.guidance_input else c.value
+                out[c.name] = torch.full((batch,), float(value if value is not None else 0.0))
         return out
 
     def null_cond(self, cond: Cond) -> Cond:
@@ -85,16 +111,34 @@ class SamplingContract(BaseModel):
     @property
     def guided(self) -> bool:
         """True when sampling batches a conditional and an unconditional branch (two evaluations per step)."""
-        return self.guidance_scale != 1.0
+        return self.guidance_scale != 1.0 and self.guidance_input is None
 
     @property
     def nfe(self) -> int:
         """Transformer evaluations per image."""
         return self.steps * (2 if self.guided else 1)
 
+    @property
+    def fixed(self) -> bool:
+        """A distilled student's schedule: trained for its own timesteps and solver, which overrides cannot change."""
+        return self.timesteps is not None
+
     def with_overrides(self, *, steps: int | None = None, guidance_scale: float | None = None,
-                       sampler: str | None = None) -> "SamplingContract":
-        """A copy with the given sampling settings replaced (None keeps the contract's)."""
+                       sampler: str | None = None, strict: bool = True) -> "SamplingContract":
+        """A copy with the given sampling settings replaced (None keeps the contract's).
+
+        A fixed (distilled) schedule keeps its steps and sampler: with ``strict`` asking to change them is an
+        error, otherwise the request is ignored. The guidance scale stays adjustable either way.
+        """
+        if self.fixed and ((steps is not None and steps != self.steps) or (sampler is not None and
+                                                                            sampler != self.sampler)):
+            if strict:
+                raise DitCompressError(f"this model is a distilled student that samples with its own {self.steps} "
+                                       f"{self.sampler} steps ({self.timesteps}); its steps and sampler cannot be "
+                                       f"changed (leave --steps / --sampler out).")
+            steps = sampler = None
         update = {k: v for k, v in (("steps", steps), ("guidance_scale", guidance_scale), ("sampler", sampler))
                   if v is not None}
+        if self.fixed:
+            update.pop("steps", None)
         return self.model_copy(update=update) if update else self

@@ -151,7 +151,7 @@ def _data_scores(model: nn.Module, units: list[_Unit], config: PruneWidthConfig,
     try:
         if taylor:
             data = TrainingData(trajectories=config.calibration or ctx.calibration.config, trajectory_fraction=0.0,
-                                uncond_prob=0.1)
+                                uncond_prob=0.1, real=None)  # scored on the teacher's own samples
             batches = TrainingBatches(ctx.calibration, data, get_adapter(ctx.teacher).contract())
             gen = torch.Generator().manual_seed(ctx.run.seed)
             device = ctx.run.device
