@@ -49,6 +49,12 @@ class Replace(_Strict):
     spec: dict[str, Any]
 
 
+class Wrap(_Strict):
+    op: Literal["wrap"]
+    path: str = Field(min_length=1)
+    spec: dict[str, Any]
+
+
 class SetAttr(_Strict):
     op: Literal["set_attr"]
     path: str
@@ -56,7 +62,7 @@ class SetAttr(_Strict):
     value: int | float | bool | str
 
 
-Edit = Annotated[Union[RemoveBlocks, Replace, SetAttr], Field(discriminator="op")]  # noqa: UP007
+Edit = Annotated[Union[RemoveBlocks, Replace, Wrap, SetAttr], Field(discriminator="op")]  # noqa: UP007
 
 
 class WeightsEntry(_Strict):
@@ -126,6 +132,27 @@ def read_manifest(path: str | Path) -> Manifest:
         from compress.yamlio import describe_errors
 
         raise DitCompressError(f"{mpath}: invalid manifest: {describe_errors(e, data)}.") from None
+
+
+def rebuild(record: dict, state: dict) -> nn.Module:
+    """A plain module from a provenance record (architecture + edits + sampling) and a full state dict.
+
+    What ``load`` does after reading the files; training uses it to turn FSDP-sharded weights back into a
+    normal module.
+    """
+    import copy
+
+    from compress.models.contract import SamplingContract
+
+    arch = record["architecture"]
+    model = adapter_for_architecture(arch).build(arch)
+    adapter = get_adapter(model)
+    adapter.replay(record["edits"])
+    load_state_dict_strict(model, {k: v.detach().cpu() for k, v in state.items()}, "trained weights")
+    object.__setattr__(model, ATTR, copy.deepcopy({k: record.get(k) for k in FIELDS}))
+    if record.get("sampling"):
+        adapter.set_contract(SamplingContract.model_validate(record["sampling"]))
+    return model.eval()
 
 
 def load(path: str | Path, *, verify: bool = True) -> nn.Module:

@@ -73,10 +73,14 @@ def chosen_steps(steps: int, how: str, keep: int | None, seed: int) -> list[int]
 
 @torch.no_grad()
 def record_trajectories(model: nn.Module, cfg: CalibrationConfig, run: RunContext) -> CalibrationSet:
-    """Sample ``cfg.samples`` images with ``model`` (its contract, ``cfg``'s steps and guidance) and keep every
-    transformer input of the chosen steps, plus the final samples."""
+    """Sample ``cfg.samples`` images with ``model`` and keep every transformer input of the chosen steps, plus
+    the final samples. A source model samples with ``cfg``'s steps and guidance; a distilled student (fixed
+    timesteps or guidance as an input) with its own contract: what it will see when it is deployed."""
     adapter = get_adapter(model)
-    contract = adapter.contract().with_overrides(steps=cfg.steps, guidance_scale=cfg.cfg_scale)
+    contract = adapter.contract()
+    if not contract.fixed:  # a few-step student records its own schedule; a guidance student its own scale
+        contract = contract.with_overrides(steps=cfg.steps, guidance_scale=None if contract.guidance_input
+                                           else cfg.cfg_scale)
     gen = torch.Generator().manual_seed(run.seed + 1)
     labels = None
     if contract.num_classes:

@@ -30,7 +30,8 @@ from compress.errors import DitCompressError
 from compress.io import WorkDir
 from compress.models.provenance import provenance
 from compress.models.size import param_count, state_bytes
-from compress.passes import PASSES, CalibrationConfig, PassContext
+from compress.models.adapters import get_adapter
+from compress.passes import PASSES, CalibrationConfig, CalibrationSource, PassContext
 from compress.yamlio import read_yaml, validate
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -152,8 +153,15 @@ def apply_recipe(model: nn.Module, recipe, *, console: Console | None = None, sh
         before_p, before_b = param_count(student), state_bytes(student)
         ctx.run.notes, ctx.run.pass_index = [], i
         t0 = time.perf_counter()
+        sampled = get_adapter(student).contract()
         student = spec.apply(student, cfg, ctx)
         student.eval()
+        now = get_adapter(student).contract()
+        if (now.timesteps, now.guidance_input, now.sampler) != (sampled.timesteps, sampled.guidance_input,
+                                                                 sampled.sampler):
+            # the model now samples differently: later passes calibrate along its own trajectories
+            ctx.calibration = CalibrationSource(copy.deepcopy(student).requires_grad_(False), ctx.calibration.config,
+                                                ctx.run)
         check_finite(student, f"pass #{i + 1} '{cfg.pass_}'", rows=list(ctx.calibration.cache.values()),
                      seed=ctx.run.seed, device=d.device)
         rec = provenance(student)

@@ -101,6 +101,10 @@ class TrainingConfig(BaseModel):
     data: TrainingData = Field(default_factory=TrainingData, description="Training inputs.")
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (a killed run loses at most this).")
     seed: int | None = Field(None, ge=0, description="Data-order seed (None: the recipe's seed).")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun: 'ddp' replicates the student on every rank; 'fsdp' shards the student, "
+                           "any auxiliary network (DMD's fake score) and the optimiser state across ranks "
+                           "(torch FSDP2 fully_shard), for students that do not fit one device.")
 
 
 def _dist() -> tuple[int, int]:
@@ -157,23 +161,59 @@ class TrainingBatches:
     """Draws training batches: trajectory rows plus forward-noised clean data (teacher samples or real)."""
 
     def __init__(self, source: CalibrationSource, cfg: TrainingData, contract: SamplingContract):
-        self.contract, self.cfg = contract, cfg
-        self.traj = source.rows(cfg.trajectories)
+        self.source, self.contract, self.cfg = source, contract, cfg
         real = cfg.real
         if real == "auto":
             from compress.models.reference import REFERENCES
 
             src = provenance(source.model).get("source") or {}
             real = "digits" if src.get("name") in REFERENCES else None
-        if real == "digits":
-            self.x0, self.cond0 = _digits(contract)
-        elif real is not None:
-            self.x0, self.cond0 = _load_real(Path(real), contract)
-        else:
-            self.x0, self.cond0 = self.traj.final, self.traj.final_cond
         self.real = real
+        self._x0 = None
         self.flow = contract.prediction == "flow"
         self.alphas = training_scheduler().alphas_cumprod.float()
+
+    @property
+    def traj(self):
+        """The teacher's recorded trajectories (recorded on first use: objectives that train only on clean data
+        never pay for them)."""
+        return self.source.rows(self.cfg.trajectories)
+
+    @property
+    def x0(self) -> torch.Tensor:
+        return self._clean()[0]
+
+    @property
+    def cond0(self) -> Cond:
+        return self._clean()[1]
+
+    def _clean(self) -> tuple[torch.Tensor, Cond]:
+        if self._x0 is None:
+            if self.real == "digits":
+                self._x0 = _digits(self.contract)
+            elif self.real is not None:
+                self._x0 = _load_real(Path(self.real), self.contract)
+            else:
+                self._x0 = (self.traj.final, self.traj.final_cond)
+        return self._x0
+
+    def clean(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, Cond]:
+        """``n`` random rows of clean data (real data, or the teacher's samples) with their conditions."""
+        idx = torch.randint(0, len(self.x0), (n,), generator=gen)
+        return self.x0[idx], slice_cond(self.cond0, idx)
+
+    def rows(self, n: int, gen: torch.Generator, conditional: bool = False) -> tuple[torch.Tensor, torch.Tensor, Cond]:
+        """``n`` random trajectory rows (x_t, t, cond); ``conditional`` keeps only rows of the conditional branch."""
+        pool = torch.arange(len(self.traj))
+        if conditional:
+            null = self.contract.null_cond(self.traj.cond)
+            keep = torch.ones(len(self.traj), dtype=torch.bool)
+            for k, v in self.traj.cond.items():
+                if v.dim() and v.shape[0] == len(self.traj) and not v.is_floating_point():
+                    keep &= v != null[k]
+            pool = pool[keep]
+        idx = pool[torch.randint(0, len(pool), (n,), generator=gen)]
+        return self.traj.x[idx], self.traj.t[idx].float(), slice_cond(self.traj.cond, idx)
 
     def draw(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Cond, torch.Tensor, int]:
         """(x, t, cond, target, n_traj): the first ``n_traj`` rows are trajectory rows (no denoising target)."""
@@ -254,8 +294,9 @@ def _load_real(path: Path, contract: SamplingContract) -> tuple[torch.Tensor, Co
 
 
 
-class _Trainee(nn.Module):
-    """The student (plus any extra trainable module) behind one ``forward``, so DDP can wrap it."""
+class Trainee(nn.Module):
+    """A model (plus any extra trainable module) behind its adapter's ``forward(x, t, cond)``, so DDP / FSDP can
+    wrap it."""
 
     def __init__(self, student: nn.Module, extra: nn.Module | None):
         super().__init__()
@@ -266,7 +307,7 @@ class _Trainee(nn.Module):
         return self.adapter.forward(x, t, cond)
 
 
-def lr_factor(cfg: TrainingConfig, step: int) -> float:
+def lr_factor(cfg: "TrainingConfig", step: int) -> float:
     """Linear warm-up, then constant or cosine decay to zero at ``cfg.steps``."""
     f = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
     if cfg.schedule == "cosine":
@@ -274,25 +315,54 @@ def lr_factor(cfg: TrainingConfig, step: int) -> float:
     return f
 
 
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's whole state dict on CPU, gathered from FSDP2 shards when it is sharded (a collective)."""
+    if any(_is_dtensor(p) for p in module.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def load_full_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of ``full_state`` (every rank passes the whole dict)."""
+    if any(_is_dtensor(p) for p in module.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        module.load_state_dict(state)
+
+
 class Trainer:
     """Train ``student`` toward the frozen ``teacher``: the loop every training pass shares.
 
     ``run()`` returns the student (its EMA weights if ``cfg.ema``). Subclasses change what is trained
-    and how through the hooks below; the loop itself (batches, optimiser, clipping, EMA, atomic
-    checkpoints and exact resume, DDP) stays here.
+    and how through the hooks below; the loop itself (learning-rate schedule, clipping, EMA, atomic
+    checkpoints and exact resume, DDP or FSDP2 under torchrun) stays here. ``train_step`` is the widest
+    hook: an objective that is not "student output vs teacher output on one batch" (progressive,
+    consistency, distribution-matching distillation) replaces it and keeps the rest of the loop.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: TrainingConfig, run: RunContext,
-                 source: CalibrationSource, tag: str):
+                 source: CalibrationSource, tag: str, file: str | None = None):
+        """``tag`` identifies the run in its checkpoint (a resume with another tag is refused); ``file`` names the
+        checkpoint file (default: the tag), so runs that must not resume each other can share a file name."""
         self.student, self.teacher, self.cfg, self.run_ctx, self.source, self.tag = (
             student, teacher, cfg, run, source, tag)
+        self.file = file or tag
         self.rank, self.world = _dist()
         self.device = run.device
         self.teacher_adapter = get_adapter(teacher)
+        self.fsdp = self.world > 1 and cfg.parallel == "fsdp"
 
     # -- hooks -----------------------------------------------------------------------------------------
     def extra_module(self) -> nn.Module | None:
-        """Trainable state besides the student (e.g. LoRA factors, selection logits); checkpointed with it."""
+        """Trainable state used in the student's forward (e.g. LoRA factors, selection logits); checkpointed."""
         return None
 
     def param_groups(self) -> list[dict]:
@@ -300,11 +370,11 @@ class Trainer:
         return [{"params": list(self.student.parameters()), "lr": self.cfg.lr}]
 
     def before_step(self, step: int) -> None:
-        """Runs before each step's forward (temperature annealing, mask sampling)."""
+        """Runs before each step (temperature annealing, mask sampling)."""
 
     def losses(self, out_s: torch.Tensor, out_t: torch.Tensor, target: torch.Tensor, n_traj: int,
                features: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The named loss terms of one step (weighted by ``cfg.loss``): output KD, feature KD, diffusion."""
+        """The named loss terms of one KD step (weighted by ``cfg.loss``): output KD, feature KD, diffusion."""
         w = self.cfg.loss
         zero = out_s.new_zeros(())
         return {"output": F.mse_loss(out_s, out_t) if w.output else zero,
@@ -324,113 +394,203 @@ class Trainer:
     def load_extra_state(self, state: dict) -> None:
         """Inverse of ``extra_state`` on resume."""
 
+    def setup(self) -> None:
+        """Runs once before the student is wrapped for data parallelism and before the resume: build auxiliary
+        networks here (``self.wrap`` a trainable one, ``self.shard`` a frozen one) and their optimisers."""
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimisation step; returns the logged loss values. Default: KD on one drawn batch."""
+        cfg, device = self.cfg, self.device
+        x, t, cond, target, n_traj = self.batches.draw(cfg.batch_size, self.gen)
+        x, t = x.to(device), t.to(device)
+        cond = {k: v.to(device) for k, v in cond.items()}
+        with torch.no_grad():
+            out_t = self.teacher_adapter.forward(x, t, cond)
+        out_s = self.model(x, t, cond)
+        pairs = [(self.hooks_s.outputs[(k, i)], self.hooks_t.outputs[(k, o)])
+                 for k, origin in self.origins.items() for i, o in enumerate(origin)] if self.hooks_s else []
+        losses = self.losses(out_s, out_t, target, n_traj, pairs)
+        loss = sum(getattr(cfg.loss, k) * v for k, v in losses.items())
+        self.optimize(loss + self.extra_loss(losses, loss))
+        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
+
+    # -- plumbing the hooks use ----------------------------------------------------------------------------
+    def optimize(self, loss: torch.Tensor, opt: torch.optim.Optimizer | None = None,
+                 params: list[torch.Tensor] | None = None) -> None:
+        """Backward, clip to ``cfg.grad_clip`` and step (the student's optimiser unless another is given)."""
+        opt = opt or self.opt
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params or [p for g in opt.param_groups for p in g["params"]], self.cfg.grad_clip)
+        opt.step()
+
+    def wrap(self, module: nn.Module, blocks: list[nn.Module] = ()) -> nn.Module:
+        """``module`` ready for data-parallel training: DDP, FSDP2 (``blocks`` sharded one by one), or itself."""
+        if self.world <= 1:
+            return module
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for b in blocks:
+                fully_shard(b)
+            fully_shard(module)
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, find_unused_parameters=True)
+
+    def shard(self, module: nn.Module) -> nn.Module:
+        """A frozen auxiliary network (a target, a teacher copy): sharded under FSDP, as it is otherwise."""
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for b in get_adapter(module).blocks():
+                fully_shard(b.module)
+            fully_shard(module)
+        return module
+
+    def student_blocks(self) -> list[nn.Module]:
+        return [b.module for b in get_adapter(self.student).blocks()]
+
     # -- the loop ----------------------------------------------------------------------------------------
     def run(self) -> nn.Module:
         cfg, run, student = self.cfg, self.run_ctx, self.student
-        rank, world, device = self.rank, self.world, self.device
-        adapter_t = self.teacher_adapter
-        batches = TrainingBatches(self.source, cfg.data, adapter_t.contract())
-        extra = self.extra_module()
-        trainee = _Trainee(student, extra).to(device)
-        groups = self.param_groups()
-        for g in groups:
-            g.setdefault("lr", cfg.lr)
-            g["base_lr"] = g["lr"]
-        trainable = {id(p) for g in groups for p in g["params"]}
-        for p in trainee.parameters():
+        device = self.device
+        self.batches = TrainingBatches(self.source, cfg.data, self.teacher_adapter.contract())
+        if self.batches.real is not None:  # a bad data file fails now, before any work
+            self.batches.x0
+        extra = self.extra = self.extra_module()
+        self.trainee = Trainee(student, extra).to(device)
+        self.groups = self.param_groups()
+        trainable = {id(p) for g in self.groups for p in g["params"]}
+        for p in self.trainee.parameters():
             p.requires_grad_(id(p) in trainable)
         student.eval()  # no label dropout etc.: the conditioning dropout is ours (uncond_prob), seeded
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        ema = None
+        seed = cfg.seed if cfg.seed is not None else run.seed
+        self.gen = torch.Generator().manual_seed(seed * 1000 + self.rank)  # data: each rank its own
+        self.shared_gen = torch.Generator().manual_seed(seed * 1000 + 999)  # control flow: the same on every rank
+        self.setup()
+        names = {id(p): n for n, p in self.trainee.named_parameters()}
+        group_names = [[names[id(p)] for p in g["params"]] for g in self.groups]
+        self.model = self.wrap(self.trainee, self.student_blocks())
+        if self.fsdp:  # sharding replaced the parameters by DTensor shards: find them again by name
+            params = dict(self.trainee.named_parameters())
+            self.groups = [{**g, "params": [params[n] for n in gn]} for g, gn in zip(self.groups, group_names)]
+        for g in self.groups:
+            g.setdefault("lr", cfg.lr)
+            g["base_lr"] = g["lr"]
+        self.opt = torch.optim.AdamW(self.groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.ema = None
         if cfg.ema is not None:
-            ema = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
-        gen = torch.Generator().manual_seed((cfg.seed if cfg.seed is not None else run.seed) * 1000 + rank)
-        ckpt = run.workdir.file(f"{self.tag}.pt") if run.workdir is not None else None
+            self.ema = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+        ckpt = run.workdir.file(f"{self.file}.pt") if run.workdir is not None else None
         cfg_key = cfg.model_dump_json()
         start = 0
         if ckpt is not None and run.resume and ckpt.exists():
-            state = torch.load(ckpt, weights_only=True, map_location=device)
-            if state.get("tag") != self.tag or state.get("config") != cfg_key:
-                raise DitCompressError(
-                    f"{ckpt}: this checkpoint was written by another training run (pass or settings differ: "
-                    f"{state.get('tag')!r}); resume with the recipe that wrote it, or delete the work directory to "
-                    f"start over.")
-            student.load_state_dict(state["student"])
-            if extra is not None:
-                extra.load_state_dict(state["extra"])
-            opt.load_state_dict(state["opt"])
-            gen.set_state(state["gen"])
-            if ema is not None:
-                ema = state["ema"]
-            self.load_extra_state(state.get("hooks") or {})
-            start = int(state["step"])
-            run.note(f"{self.tag}: resumed from {ckpt} at step {start}")
-        model = trainee
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            model = DistributedDataParallel(trainee, find_unused_parameters=extra is not None)
-
-        w = cfg.loss
-        use_features = w.features > 0
-        origins = block_origins(student, self.teacher) if use_features else {}
-        hooks_t = _BlockOutputs(adapter_t) if use_features else None
-        hooks_s = _BlockOutputs(trainee.adapter) if use_features else None
-        t0, logged = time.perf_counter(), {"output": 0.0, "features": 0.0, "diffusion": 0.0, "n": 0}
+            start = self._resume(ckpt, cfg_key)
+        use_features = cfg.loss.features > 0
+        self.origins = block_origins(student, self.teacher) if use_features else {}
+        self.hooks_t = _BlockOutputs(self.teacher_adapter) if use_features else None
+        self.hooks_s = _BlockOutputs(self.trainee.adapter) if use_features else None
+        t0, logged, n_logged = time.perf_counter(), {}, 0
         try:
             with run.progress(f"{self.tag}: training", cfg.steps) as advance:
                 advance(start)
                 for step in range(start, cfg.steps):
-                    for g in opt.param_groups:
+                    for g in self.opt.param_groups:
                         g["lr"] = g["base_lr"] * lr_factor(cfg, step)
                     self.before_step(step)
-                    x, t, cond, target, n_traj = batches.draw(cfg.batch_size, gen)
-                    x, t = x.to(device), t.to(device)
-                    cond = {k: v.to(device) for k, v in cond.items()}
-                    with torch.no_grad():
-                        out_t = adapter_t.forward(x, t, cond)
-                    out_s = model(x, t, cond)
-                    pairs = [(hooks_s.outputs[(k, i)], hooks_t.outputs[(k, o)])
-                             for k, origin in origins.items() for i, o in enumerate(origin)] if use_features else []
-                    losses = self.losses(out_s, out_t, target, n_traj, pairs)
-                    loss = sum(getattr(w, k) * v for k, v in losses.items())
-                    total = loss + self.extra_loss(losses, loss)
-                    opt.zero_grad(set_to_none=True)
-                    total.backward()
-                    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
-                    opt.step()
-                    if ema is not None:
+                    values = self.train_step(step)
+                    if self.ema is not None:
                         with torch.no_grad():
                             for n, p in student.named_parameters():
-                                if n in ema:
-                                    ema[n].lerp_(p.detach(), 1 - cfg.ema)
-                    for k in ("output", "features", "diffusion"):
-                        logged[k] += float(losses[k].detach())
-                    logged["n"] += 1
-                    advance(1, info=f"loss {float(loss.detach()):.4f}")
+                                if n in self.ema:
+                                    self.ema[n].lerp_(p.detach(), 1 - cfg.ema)
+                    for k, v in values.items():
+                        logged[k] = logged.get(k, 0.0) + v
+                    n_logged += 1
+                    advance(1, info=f"loss {values.get('loss', 0.0):.4f}")
                     done = step + 1
                     if ckpt is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-                        if rank == 0:
-                            buf = io.BytesIO()
-                            torch.save({"step": done, "student": student.state_dict(), "opt": opt.state_dict(),
-                                        "extra": extra.state_dict() if extra is not None else None, "ema": ema,
-                                        "gen": gen.get_state(), "config": cfg_key, "tag": self.tag,
-                                        "hooks": self.extra_state()}, buf)
-                            atomic_write_bytes(ckpt, buf.getvalue())
-                        if world > 1:
-                            dist.barrier()
+                        self._checkpoint(ckpt, done, cfg_key)
         finally:
-            for h in (hooks_t, hooks_s):
+            for h in (self.hooks_t, self.hooks_s):
                 if h is not None:
                     h.remove()
-        if ema is not None:
+        if self.ema is not None:
             with torch.no_grad():
                 for n, p in student.named_parameters():
-                    if n in ema:
-                        p.copy_(ema[n])
-        n = max(logged["n"], 1)
+                    if n in self.ema:
+                        p.copy_(self.ema[n])
+        n = max(n_logged, 1)
+        means = ", ".join(f"{k} {v / n:.4g}" for k, v in logged.items() if k != "loss")
         run.note(f"{self.tag}: {cfg.steps - start} steps in {time.perf_counter() - t0:.0f} s (batch {cfg.batch_size} "
-                 f"x {world} rank(s)); mean losses output {logged['output'] / n:.4g}, features "
-                 f"{logged['features'] / n:.4g}, diffusion {logged['diffusion'] / n:.4g}")
+                 f"x {self.world} rank(s){', FSDP2' if self.fsdp else ''}); mean losses {means}")
+        if self.fsdp:
+            student = self._unsharded(student)
         student.requires_grad_(False)
         return student
+
+    def _state(self, done: int, cfg_key: str) -> dict:
+        """Everything a resume needs, as full (unsharded) tensors."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            opt = get_optimizer_state_dict(self.trainee, self.opt, options=StateDictOptions(full_state_dict=True))
+        else:
+            opt = self.opt.state_dict()
+        ema = None if self.ema is None else {n: (t.full_tensor() if _is_dtensor(t) else t).cpu()
+                                             for n, t in self.ema.items()}
+        return {"step": done, "student": full_state(self.student),
+                "extra": full_state(self.extra) if self.extra is not None else None, "opt": opt, "ema": ema,
+                "gen": self.gen.get_state(), "shared_gen": self.shared_gen.get_state(), "config": cfg_key, "tag": self.tag, "parallel": self.fsdp,
+                "hooks": self.extra_state()}
+
+    def _checkpoint(self, ckpt: Path, done: int, cfg_key: str) -> None:
+        state = self._state(done, cfg_key)  # a collective under FSDP: every rank takes part
+        if self.rank == 0:
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            atomic_write_bytes(ckpt, buf.getvalue())
+        if self.world > 1:
+            dist.barrier()
+
+    def _resume(self, ckpt: Path, cfg_key: str) -> int:
+        state = torch.load(ckpt, weights_only=True, map_location="cpu")
+        if state.get("tag") != self.tag or state.get("config") != cfg_key or state.get("parallel", False) != self.fsdp:
+            raise DitCompressError(
+                f"{ckpt}: this checkpoint was written by another training run (pass, settings or sharding differ: "
+                f"{state.get('tag')!r}); resume with the recipe that wrote it, or delete the work directory to "
+                f"start over.")
+        load_full_state(self.student, state["student"])
+        if self.extra is not None:
+            load_full_state(self.extra, state["extra"])
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.trainee, self.opt, state["opt"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.opt.load_state_dict(state["opt"])
+        self.gen.set_state(state["gen"])
+        self.shared_gen.set_state(state["shared_gen"])
+        if self.ema is not None:
+            params = dict(self.student.named_parameters())
+            for n, t in state["ema"].items():
+                p = params[n]
+                if _is_dtensor(p):
+                    from torch.distributed.tensor import distribute_tensor
+
+                    t = distribute_tensor(t.to(p.dtype), p.device_mesh, p.placements)
+                self.ema[n].copy_(t)
+        self.load_extra_state(state.get("hooks") or {})
+        start = int(state["step"])
+        self.run_ctx.note(f"{self.tag}: resumed from {ckpt} at step {start}")
+        return start
+
+    def _unsharded(self, student: nn.Module) -> nn.Module:
+        """A plain module with the trained weights: FSDP2 changed the student's class, so rebuild it."""
+        from compress.artifact import rebuild
+
+        sd = full_state(student)
+        return rebuild(provenance(student), sd)

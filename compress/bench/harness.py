@@ -142,7 +142,7 @@ def _quality_of(contract: SamplingContract, s, base_images: torch.Tensor | None)
 def variant_contract(v: Variant, config: BenchConfig) -> SamplingContract:
     """How ``v`` is sampled in this benchmark: its contract with the config's (and its own) overrides."""
     return v.runner.contract.with_overrides(steps=v.steps or config.steps, guidance_scale=config.cfg_scale,
-                                            sampler=config.sampler)
+                                            sampler=config.sampler, strict=False)
 
 
 def run_bench(baseline: Variant, variants: list[Variant], config: BenchConfig, out_dir: Path,
@@ -167,14 +167,15 @@ def run_bench(baseline: Variant, variants: list[Variant], config: BenchConfig, o
                                f"appear more than once (give each a 'name').")
     contracts = {v.name: variant_contract(v, config) for v in allv}
     base_c = contracts[baseline.name]
+    def inputs(c: SamplingContract) -> list[str]:
+        return [x.name for x in c.conditions if x.name != c.guidance_input]
+
     for v in variants:
         c = contracts[v.name]
-        if tuple(c.latent_shape) != tuple(base_c.latent_shape) or [x.name for x in c.conditions] != \
-                [x.name for x in base_c.conditions]:
+        if tuple(c.latent_shape) != tuple(base_c.latent_shape) or inputs(c) != inputs(base_c):
             raise DitCompressError(f"benchmark: variant '{v.name}' takes latents {c.latent_shape} and conditions "
-                                   f"{[x.name for x in c.conditions]}, its baseline '{baseline.name}' "
-                                   f"{base_c.latent_shape} and {[x.name for x in base_c.conditions]}; compare "
-                                   f"variants of the same source model.")
+                                   f"{inputs(c)}, its baseline '{baseline.name}' {base_c.latent_shape} and "
+                                   f"{inputs(base_c)}; compare variants of the same source model.")
     out_dir.mkdir(parents=True, exist_ok=True)
     nfe = {v.name: contracts[v.name].nfe for v in allv}
     quality: dict[str, dict] = {v.name: {"fd": None, "class_acc": None, "psnr_db": None, "ssim": None,

@@ -59,6 +59,9 @@ class SamplingContract(BaseModel):
     guidance_input: str | None = Field(
         None, description="Guidance baked into the denoiser: the scalar condition that takes the guidance scale. "
                           "One call per step, no unconditional branch.")
+    guidance_baked: float | None = Field(
+        None, description="A distilled student with this guidance scale trained in: it samples without guidance and "
+                          "has no guidance input (informational; distillation uses it as a teacher as it is).")
     cache: dict | None = Field(None, description="Step-cache policy every sampler and runner applies (None: off).")
 
     @model_validator(mode="after")

@@ -1,10 +1,10 @@
-"""The timestep of the denoiser call being run, for layers whose arithmetic depends on it.
+"""The state of the denoiser call being run: its timestep and, for guidance-distilled students, guidance scale.
 
-Per-timestep-group activation scales (``QuantLinear``) and step caches need to know which timestep the
-current transformer call is at. The adapter's ``forward`` sets it for the duration of the call
-(``denoiser_call``); layers read it with ``current_timestep``. A context variable, not a global: nested
-or concurrent calls (threads, generators) each see their own value, and nothing has to be installed on
-the model for it to work.
+Per-timestep-group activation scales (``QuantLinear``), step caches and guidance embeddings need values
+that reach the model as call arguments but are used deep inside it. The adapter's ``forward`` sets them
+for the duration of the call (``denoiser_call``); layers read them with ``current_timestep`` /
+``current_guidance``. Context variables, not globals: nested or concurrent calls each see their own
+values, and nothing has to be installed on the model for it to work.
 """
 
 from __future__ import annotations
@@ -15,19 +15,26 @@ from contextvars import ContextVar
 
 import torch
 
-_CURRENT: ContextVar[torch.Tensor | None] = ContextVar("dit_compress_timestep", default=None)
+_TIMESTEP: ContextVar[torch.Tensor | None] = ContextVar("dit_compress_timestep", default=None)
+_GUIDANCE: ContextVar[torch.Tensor | None] = ContextVar("dit_compress_guidance", default=None)
 
 
 @contextlib.contextmanager
-def denoiser_call(t: torch.Tensor | float | None) -> Iterator[None]:
-    """Make ``t`` (the call's timesteps, in [0, 1000] for every family) current inside the block."""
-    token = _CURRENT.set(None if t is None else torch.as_tensor(t))
+def denoiser_call(t: torch.Tensor | float | None, guidance: torch.Tensor | None = None) -> Iterator[None]:
+    """Make ``t`` (the call's timesteps, in [0, 1000] for every family) and ``guidance`` current in the block."""
+    tokens = (_TIMESTEP.set(None if t is None else torch.as_tensor(t)), _GUIDANCE.set(guidance))
     try:
         yield
     finally:
-        _CURRENT.reset(token)
+        _GUIDANCE.reset(tokens[1])
+        _TIMESTEP.reset(tokens[0])
 
 
 def current_timestep() -> torch.Tensor | None:
     """The running call's timesteps (a tensor, one per row or one for all), or None outside a call."""
-    return _CURRENT.get()
+    return _TIMESTEP.get()
+
+
+def current_guidance() -> torch.Tensor | None:
+    """The running call's guidance scale per row (guidance-distilled students), or None."""
+    return _GUIDANCE.get()

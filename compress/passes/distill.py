@@ -1,27 +1,179 @@
-"""Recovery distillation as a pass: train the (pruned, quantized...) model toward the frozen source."""
+"""Distillation as a pass: one configuration surface for every objective the shared trainer runs.
+
+- ``recovery`` (default): train a pruned / quantized model back toward the frozen source (output KD + masked
+  feature KD + diffusion loss);
+- ``guidance`` (Meng et al.): the student takes the guidance scale as an input and matches the source's
+  classifier-free-guided output in one call: half the calls at any step count;
+- ``progressive`` (Salimans & Ho): halve the step count repeatedly, each student matching two DDIM steps of
+  its teacher in one;
+- ``consistency`` (LCM): map any point of the source's (guided) ODE trajectory to its end, trained against
+  an EMA target across skipped solver steps; multistep consistency sampling;
+- ``dmd`` (DMD2): a few-step generator whose samples are pushed toward the source's distribution by the
+  difference between the source's score and a fake score trained on the generator's own samples (two
+  time-scale updates), optionally with a regression loss on source pairs and a GAN head; multi-step students
+  train on their own earlier steps (backward simulation).
+
+A few-step objective records the student's sampling contract (timesteps, solver, guidance input) in the
+model, so ``sample``, ``bench``, export and later passes use it with no flags.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from compress.passes.base import PassContext, register_pass
 from compress.training import Trainer, TrainingConfig
 
+OBJECTIVES = ("recovery", "guidance", "progressive", "consistency", "dmd")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GuidanceSettings(_Strict):
+    """How classifier-free guidance is distilled."""
+
+    input: bool = Field(True, description="The student takes the guidance scale as an input (a zero-initialised "
+                                          "embedding added to its timestep embedding). False: one fixed scale is "
+                                          "baked in and the student samples without guidance.")
+    scale: float | None = Field(None, ge=1, le=50, description="The scale recorded in the student's contract (its "
+                                                               "default at sampling), and the fixed scale when "
+                                                               "input is false. Default: the source's.")
+    range: tuple[float, float] | None = Field(
+        None, description="Scales drawn uniformly in training when input is true (default: [1, 2 x scale]).")
+    hidden: int = Field(256, ge=8, le=4096, description="Width of the guidance embedding's MLP.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.range is not None:
+            lo, hi = self.range
+            if lo < 1 or hi < lo:
+                raise ValueError(f"range: guidance scales must be >= 1 and ordered (low, high); got {list(self.range)}")
+            if not self.input:
+                raise ValueError("range: only used when the student takes the scale as an input (input: true)")
+        return self
+
+
+class StepSchedule(_Strict):
+    """The student's own sampling schedule."""
+
+    steps: int = Field(..., ge=1, le=256, description="Transformer calls per image the student samples with.")
+    timesteps: list[float] | None = Field(
+        None, description="Explicit descending timesteps in [0, 1000) (len = steps); default: evenly spaced from 999 "
+                          "(the first is pure noise) or, for consistency, points of its solver grid.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        ts = self.timesteps
+        if ts is not None:
+            if len(ts) != self.steps:
+                raise ValueError(f"timesteps: {len(ts)} timesteps for {self.steps} steps")
+            if any(not 0 <= t < 1000 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+                raise ValueError("timesteps: must be strictly descending and in [0, 1000)")
+        return self
+
+
+class ProgressiveSettings(_Strict):
+    """Progressive distillation rounds."""
+
+    start_steps: int = Field(64, ge=2, le=1024, description="DDIM steps of the first teacher; every round halves them "
+                                                            "until student.steps (start_steps = steps x 2^rounds). "
+                                                            "'steps' (the trainer's) are optimiser steps per round.")
+
+
+class ConsistencySettings(_Strict):
+    """Latent-consistency distillation."""
+
+    solver_steps: int = Field(50, ge=2, le=1000, description="The source's DDIM grid the consistency loss skips "
+                                                             "along: each training pair is one solver step apart.")
+    target_ema: float = Field(0.95, ge=0, lt=1, description="EMA decay of the target network.")
+    huber_c: float = Field(0.001, gt=0, description="Pseudo-Huber loss constant.")
+
+
+class DMDSettings(_Strict):
+    """Distribution-matching distillation (DMD2)."""
+
+    fake_lr_ratio: float = Field(..., gt=0, le=100, description="Learning rate of the fake score as a multiple of the "
+                                                                "generator's 'lr' (required: it sets the two "
+                                                                "time-scale balance).")
+    fake_updates: int = Field(5, ge=1, le=100, description="Fake-score updates per generator update.")
+    t_range: tuple[float, float] = Field((20.0, 980.0), description="Timesteps the distribution-matching gradient is "
+                                                                    "taken at.")
+    regression: float = Field(0.0, ge=0, description="Weight of the regression loss on (noise, source sample) pairs "
+                                                     "(DMD's; 0: off).")
+    regression_pairs: int = Field(512, ge=1, le=1_000_000, description="Source samples generated for the regression "
+                                                                       "loss (with the source's own contract).")
+    gan: float = Field(0.0, ge=0, description="Weight of the GAN loss of a classifier on the fake score's middle-block "
+                                              "features (DMD2's; 0: off).")
+    backward_simulation: bool = Field(True, description="Multi-step students: train each step on inputs produced "
+                                                        "by the student's own earlier steps, as sampling does.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        lo, hi = self.t_range
+        if not 0 <= lo < hi < 1000:
+            raise ValueError(f"t_range: need 0 <= low < high < 1000, got {list(self.t_range)}")
+        return self
+
 
 @register_pass("distill")
 class DistillConfig(TrainingConfig):
-    """Recovery distillation: output KD + masked feature KD + diffusion loss against the frozen source."""
+    """Distillation on the shared trainer: recovery, guidance, progressive, consistency or DMD (see module docs)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     pass_: Literal["distill"] = Field("distill", alias="pass")
+    objective: Literal["recovery", "guidance", "progressive", "consistency", "dmd"] = Field(
+        "recovery", description="What is distilled (module docstring); 'loss' weights apply to 'recovery' only.")
+    guidance: GuidanceSettings | None = Field(
+        None, description="Guidance distillation settings (guidance objective, and optionally progressive / "
+                          "consistency / dmd students that take the scale as an input).")
+    student: StepSchedule | None = Field(None, description="The student's own sampling steps (progressive, "
+                                                             "consistency, dmd).")
+    progressive: ProgressiveSettings | None = Field(None, description="progressive: its rounds.")
+    consistency: ConsistencySettings | None = Field(None, description="consistency: its solver and target.")
+    dmd: DMDSettings | None = Field(None, description="dmd: fake score, regression, GAN, backward simulation.")
+
+    @model_validator(mode="after")
+    def _objective_fields(self):
+        o = self.objective
+        few_step = o in ("progressive", "consistency", "dmd")
+        if few_step and self.student is None:
+            raise ValueError(f"student: objective '{o}' needs the student's steps (student: {{steps: 4}})")
+        if not few_step and self.student is not None:
+            raise ValueError(f"student: only for the few-step objectives (progressive, consistency, dmd), not '{o}'")
+        if o == "recovery" and self.guidance is not None:
+            raise ValueError("guidance: not used by the recovery objective")
+        for name in ("progressive", "consistency", "dmd"):
+            if getattr(self, name) is not None and o != name:
+                raise ValueError(f"{name}: settings for objective '{name}', but the objective is '{o}'")
+        if o == "dmd" and self.dmd is None:
+            raise ValueError("dmd: objective 'dmd' needs its settings, at least dmd.fake_lr_ratio")
+        if o == "progressive":
+            start = (self.progressive or ProgressiveSettings()).start_steps
+            steps = self.student.steps
+            if start <= steps or start % steps or (start // steps) & (start // steps - 1):
+                raise ValueError(f"progressive.start_steps: {start} must be student.steps ({steps}) times a power of "
+                                 f"two (each round halves the steps)")
+            if self.student.timesteps is not None:
+                raise ValueError("student.timesteps: progressive students take every other step of their teacher's "
+                                 "evenly spaced grid; give steps only")
+        return self
+
+    def training(self) -> TrainingConfig:
+        """The shared trainer's settings (everything but the objective's own)."""
+        return TrainingConfig.model_validate(self.model_dump(include=set(TrainingConfig.model_fields)))
 
 
 @DistillConfig.applies
 def apply_distill(model: nn.Module, config: DistillConfig, ctx: PassContext) -> nn.Module:
-    training = TrainingConfig.model_validate(config.model_dump(exclude={"pass_"}))
-    return Trainer(model, ctx.teacher, training, ctx.run, ctx.calibration,
-                   tag=f"pass{ctx.run.pass_index + 1}-distill").run()
+    if config.objective == "recovery":
+        return Trainer(model, ctx.teacher, config.training(), ctx.run, ctx.calibration,
+                       tag=f"pass{ctx.run.pass_index + 1}-distill").run()
+    from compress.distillation import distill_steps
+
+    return distill_steps(model, config, ctx)

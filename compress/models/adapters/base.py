@@ -22,6 +22,7 @@ from torch import nn
 
 from compress.models.contract import Cond, ConditionSpec, SamplingContract
 from compress.models.provenance import provenance, record_edit
+from compress.nn.guidance import GUIDANCE_INPUT
 from compress.nn.timestep import denoiser_call
 
 
@@ -164,6 +165,20 @@ class ModelAdapter:
         self.model.set_submodule(path, module)
         record_edit(self.model, {"op": "replace", "path": path, "spec": module_spec(module)})
 
+    def wrap(self, path: str, wrapper: nn.Module) -> None:
+        """Put ``wrapper`` around the sub-module at ``path`` (it becomes ``wrapper.inner``); recorded for replay."""
+        from compress.nn import module_spec
+
+        inner = self.model.get_submodule(path)
+        wrapper.inner = inner
+        self.model.set_submodule(path, wrapper)
+        record_edit(self.model, {"op": "wrap", "path": path, "spec": module_spec(wrapper)})
+
+    def conditioning_embedders(self) -> list[tuple[str, int]]:
+        """(path, width) of the modules whose output is the (batch, width) conditioning vector every block's
+        adaLN reads (the timestep embedder, or the combined timestep + label / pooled-text embedder)."""
+        raise NotImplementedError
+
     def set_attr(self, path: str, name: str, value) -> None:
         """Change a plain attribute (e.g. a head count after head pruning); recorded for replay."""
         setattr(self.model.get_submodule(path) if path else self.model, name, value)
@@ -187,6 +202,10 @@ class ModelAdapter:
                     if not isinstance(self.model.get_submodule(e["path"]), nn.Module):
                         raise AttributeError(f"{e['path']} is not a sub-module")
                     self.replace(e["path"], build_module(e["spec"]))
+                elif e["op"] == "wrap":
+                    if not isinstance(self.model.get_submodule(e["path"]), nn.Module) or not e["spec"].get("wraps"):
+                        raise AttributeError(f"{e['path']}: a 'wrap' edit needs a wrapper module type")
+                    self.wrap(e["path"], build_module(e["spec"]))
                 elif e["op"] == "set_attr":
                     target = self.model.get_submodule(e["path"]) if e["path"] else self.model
                     old = getattr(target, e["name"], None)
@@ -241,7 +260,7 @@ class ModelAdapter:
         ``t`` is in [0, 1000] for every family; it is the current timestep (``compress.nn.timestep``) for
         the layers of this call.
         """
-        with denoiser_call(t):
+        with denoiser_call(t, cond.get(GUIDANCE_INPUT)):
             return self.denoise(x, t, cond)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:

@@ -181,6 +181,10 @@ class DiffusersDiTAdapter(_DiffusersAdapter):
     class_name = "DiTTransformer2DModel"
     default_guidance = 4.0  # DiTPipeline's default
 
+    def conditioning_embedders(self) -> list[tuple[str, int]]:
+        """Every block's own timestep + label embedder (the final layer reads block 0's)."""
+        return [(f"transformer_blocks.{i}.norm1.emb", self.hidden_size) for i in range(len(self.model.transformer_blocks))]
+
     def conditions(self) -> list[ConditionSpec]:
         """The extra label-embedding row (index num_classes) is the null class."""
         return [ConditionSpec(name="y", kind="label", num_classes=self.model.config.num_embeds_ada_norm,
@@ -231,6 +235,9 @@ class PixArtAdapter(_DiffusersAdapter):
         ).sample
         return out[:, : self.model.config.in_channels]
 
+    def conditioning_embedders(self) -> list[tuple[str, int]]:
+        return [("adaln_single.emb", self.hidden_size)]
+
     def conditions(self) -> list[ConditionSpec]:
         c = self.model.config
         dim = c.caption_channels if c.caption_channels is not None else c.cross_attention_dim
@@ -278,6 +285,9 @@ class SD3Adapter(_DiffusersAdapter):
             x, encoder_hidden_states=cond["encoder_hidden_states"], pooled_projections=cond["pooled_projections"],
             timestep=_batch_t(t, x),
         ).sample
+
+    def conditioning_embedders(self) -> list[tuple[str, int]]:
+        return [("time_text_embed", self.hidden_size)]  # timestep + pooled text
 
     def conditions(self) -> list[ConditionSpec]:
         c = self.model.config
@@ -345,6 +355,9 @@ class FluxAdapter(_DiffusersAdapter):
             timestep=_batch_t(t, x).to(x.dtype) / 1000, img_ids=img_ids.reshape(n, 3), txt_ids=txt_ids,
             guidance=guidance,
         ).sample
+
+    def conditioning_embedders(self) -> list[tuple[str, int]]:
+        return [("time_text_embed", self.hidden_size)]  # timestep (+ embedded guidance) + pooled text
 
     def conditions(self) -> list[ConditionSpec]:
         """Text embeddings, and for guidance-distilled Flux (dev) the embedded guidance FluxPipeline feeds."""

@@ -69,6 +69,9 @@ class NativeDiTAdapter(ModelAdapter):
         c = self.model.config
         return (c.in_channels, c.input_size, c.input_size)
 
+    def conditioning_embedders(self) -> list[tuple[str, int]]:
+        return [("t_embedder", self.model.config.hidden_size)]  # c = t_embedder(t) + y_embedder(y)
+
     def conditions(self) -> list[ConditionSpec]:
         return [ConditionSpec(name="y", kind="label", num_classes=self.model.config.num_classes, null="null_label")]
 

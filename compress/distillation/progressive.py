@@ -1,0 +1,89 @@
+"""Progressive distillation (Salimans & Ho, "Progressive Distillation for Fast Sampling of Diffusion Models").
+
+Round r trains a student that takes one DDIM step where its teacher takes two: from x_t on the student's
+grid the teacher steps to the midpoint and on to the student's next timestep, and the student's output
+target is the one whose single DDIM step lands on the same point. The student of one round is the teacher
+of the next; ``start_steps`` halve to ``student.steps``. The loss is the output-space error with a
+truncated-SNR weight (an x0-space error at high noise, where few-step students lose most), and every round
+checkpoints on its own, so a killed run resumes inside the round it was in.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from compress.distillation import add_guidance_input, student_contract
+from compress.distillation.core import grid
+from compress.distillation.trainer import DistillTrainer, Guidance, check_schedule, objective_tag
+from compress.models.adapters import get_adapter
+
+
+class ProgressiveRound(DistillTrainer):
+    """One halving: ``teacher_grid`` has twice the points of the student's (every other one)."""
+
+    def __init__(self, *args, teacher_grid: list[float], **kw):
+        super().__init__(*args, **kw)
+        self.teacher_grid = teacher_grid
+        self.student_grid = teacher_grid[::2]
+
+    def train_step(self, step: int) -> dict[str, float]:
+        n, d = self.cfg.batch_size, self.diffusion
+        k = len(self.student_grid)
+        i = torch.randint(0, k, (n,), generator=self.gen)
+        tg = torch.tensor(self.teacher_grid + [0.0])
+        t, t_mid, t_next = tg[2 * i], tg[2 * i + 1], tg[(2 * i + 2).clamp(max=len(self.teacher_grid))]
+        x0, cond = self.batches.clean(n, self.gen)
+        x = d.noised(x0, torch.randn(x0.shape, generator=self.gen), t)
+        w = self.guidance.draw(n, self.gen)
+        x, t, t_mid, t_next, w = self.to(x, t, t_mid, t_next, w)
+        cond = self.cond_to(cond)
+        x_mid = d.ode_step(self.teacher_output(x, t, cond, w), x, t, t_mid)
+        x_next = d.ode_step(self.teacher_output(x_mid, t_mid, cond, w), x_mid, t_mid, t_next)
+        target = d.output_for(x, t, x_next, t_next)
+        out = self.student_call(self.model, x, t, cond, w)
+        loss = (d.snr_weight(t, out) * (out - target).pow(2)).mean()
+        self.optimize(loss)
+        return {"loss": float(loss.detach()), "weighted_mse": float(loss.detach())}
+
+
+def distill_progressive(model: nn.Module, config, ctx) -> nn.Module:
+    from compress.passes.distill import ProgressiveSettings
+
+    settings = config.progressive or ProgressiveSettings()
+    inp = get_adapter(model).contract()
+    # round 1's teacher: the pass's input when guidance was already distilled into it (one call per step),
+    # else the source itself with classifier-free guidance
+    first = copy.deepcopy(model).eval().requires_grad_(False) if inp.guidance_input else ctx.teacher
+    source = get_adapter(first).contract()
+    guidance = Guidance(config.guidance, source)
+    if guidance.input:
+        add_guidance_input(model, guidance.hidden, guidance.scale)
+    rounds = int(math.log2(settings.start_steps // config.student.steps))
+    teacher, steps = first, settings.start_steps
+    check_schedule(grid(steps)[::2], source.prediction, "progressive.start_steps")
+    for r in range(1, rounds + 1):
+        tag, file = objective_tag(ctx, config, f"-round{r}" if r > 1 else "")
+        ProgressiveRound(model, teacher, config.training(), ctx.run, ctx.calibration, tag, guidance=guidance,
+                         file=file, teacher_grid=grid(steps)).run()
+        ctx.run.note(f"progressive round {r}/{rounds}: {steps} -> {steps // 2} steps")
+        steps //= 2
+        if r < rounds:
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)
+            get_adapter(teacher).set_contract(_round_contract(model, grid(steps), guidance))
+    sampler = "euler" if source.prediction == "flow" else "tcd"
+    contract = student_contract(source, model, timesteps=grid(steps), sampler=sampler, scale=guidance.scale,
+                                guidance_input=guidance.input)
+    get_adapter(model).set_contract(contract)
+    return model
+
+
+def _round_contract(model: nn.Module, timesteps: list[float], guidance: Guidance):
+    """The contract of an intermediate student (next round's teacher): a guidance input, or its baked scale."""
+    c = get_adapter(model).contract()
+    if guidance.input:
+        return c.model_copy(update={"guidance_scale": guidance.scale})
+    return c.model_copy(update={"guidance_scale": 1.0, "guidance_baked": guidance.scale})
