@@ -306,4 +306,4 @@ def test_fsdp2_shards_student_fake_score_and_optimiser_over_two_ranks(tmp_path):
     s = compress.load(tmp_path / "a")  # the sharded student came back as a plain, saveable model
     assert get_adapter(s).contract().timesteps == [999.0, 499.0]
     ckpt = torch.load(tmp_path / "w" / "pass1-distill.pt", weights_only=True)
-    assert ckpt["parallel"] and ckpt["step"] == 2 and "fake_opt" in ckpt["hooks"]
+    assert ckpt["parallel"] and ckpt["step"] == 3 and "fake_opt" in ckpt["hooks"]
