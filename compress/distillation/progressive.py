@@ -64,18 +64,24 @@ def distill_progressive(model: nn.Module, config, ctx) -> nn.Module:
         add_guidance_input(model, guidance.hidden, guidance.scale)
     rounds = int(math.log2(settings.start_steps // config.student.steps))
     teacher, steps = first, settings.start_steps
-    check_schedule(grid(steps)[::2], source.prediction, "progressive.start_steps")
+    # the first teacher's evenly spaced grid (whole timesteps for a discrete-schedule epsilon source); every
+    # round's student keeps every other point of its teacher's grid
+    points = grid(steps)
+    if source.prediction == "epsilon":
+        points = [float(round(t)) for t in points]
+    check_schedule(points, source.prediction, "progressive.start_steps")
     for r in range(1, rounds + 1):
         tag, file = objective_tag(ctx, config, f"-round{r}" if r > 1 else "")
         ProgressiveRound(model, teacher, config.training(), ctx.run, ctx.calibration, tag, guidance=guidance,
-                         file=file, teacher_grid=grid(steps)).run()
+                         file=file, teacher_grid=points).run()
         ctx.run.note(f"progressive round {r}/{rounds}: {steps} -> {steps // 2} steps")
         steps //= 2
+        points = points[::2]
         if r < rounds:
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
-            get_adapter(teacher).set_contract(_round_contract(model, grid(steps), guidance))
+            get_adapter(teacher).set_contract(_round_contract(model, points, guidance))
     sampler = "euler" if source.prediction == "flow" else "tcd"
-    contract = student_contract(source, model, timesteps=grid(steps), sampler=sampler, scale=guidance.scale,
+    contract = student_contract(source, model, timesteps=points, sampler=sampler, scale=guidance.scale,
                                 guidance_input=guidance.input)
     get_adapter(model).set_contract(contract)
     return model

@@ -141,9 +141,14 @@ class QuantLinear(nn.Module):
     * ``rank`` > 0 (SVDQuant): a full-precision low-rank branch of the smoothed weight absorbs the
       outliers, and only the residual is quantized.
 
-    On CPU the arithmetic is fake-quant in fp32: the same values a QDQ graph computes. On CUDA with
-    INT8 x INT8 or FP8 x FP8 per-channel weights it uses ``torch._int_mm`` / ``torch._scaled_mm``.
+    INT8 x INT8 layers with per-channel weights run an integer matmul (``torch._int_mm``: oneDNN's VNNI / AMX
+    kernels on x86 CPUs, cuBLASLt on CUDA), exact in int32 and scaled once; FP8 x FP8 uses ``torch._scaled_mm``
+    on CUDA. Everything else (INT4 / FP8 on CPU, per-group weights) is fake-quant in fp32: the same values a QDQ
+    graph computes, and the reference the integer path is tested against. ``kernel = "reference"`` forces the
+    fake-quant arithmetic; it is also what tracing for export and torch.compile see.
     """
+
+    kernel: str = "auto"  # "auto": integer / FP8 kernels where they exist; "reference": fake-quant only
 
     def __init__(self, in_features: int, out_features: int, bias: bool, weight_format: str = "int8",
                  group_size: int | None = None, weight_per_channel: bool = True, act_format: str | None = "int8",
@@ -248,8 +253,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, act_scale: torch.Tensor | None = None) -> torch.Tensor:
         xs = x / self.smooth if self.smooth is not None else x
-        if x.is_cuda and act_scale is None and self._kernel_ok(x):
-            y = self._cuda_matmul(xs)
+        if act_scale is None and self._kernel_ok(x):
+            y = self._low_precision_matmul(xs)
         else:
             y = F.linear(self.quantize_input(xs, act_scale), self.dequantized_weight().to(x.dtype))
         if self.rank:
@@ -261,12 +266,18 @@ class QuantLinear(nn.Module):
         return (self.act_format == "int8" and self.act_mode == "static" and self.act_groups == 1
                 and self.weight_format == "int8" and self.group_size is None)
 
-    # -- real low-precision matmuls on GPU --------------------------------------------------------------
+    # -- real low-precision matmuls ------------------------------------------------------------------
     def _kernel_ok(self, x: torch.Tensor) -> bool:
+        if self.kernel != "auto" or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return False
         same = self.act_format == self.weight_format and self.group_size is None
-        return same and self.in_features % 16 == 0 and self.out_features % 16 == 0 and x.numel() // x.shape[-1] > 16
+        if not same or (self.act_format == "fp8" and not x.is_cuda):
+            return False
+        if x.is_cuda:  # cuBLASLt's shape constraints
+            return self.in_features % 16 == 0 and self.out_features % 16 == 0 and x.numel() // x.shape[-1] > 16
+        return x.dtype == torch.float32
 
-    def _cuda_matmul(self, xs: torch.Tensor) -> torch.Tensor:
+    def _low_precision_matmul(self, xs: torch.Tensor) -> torch.Tensor:
         lead, k = xs.shape[:-1], xs.shape[-1]
         x2 = xs.reshape(-1, k).float()
         qmax = ACT_FORMATS[self.act_format][1]
