@@ -79,23 +79,60 @@ def test_pruned_and_quantized_tiny_model_round_trips(tmp_path, tiny_native):
     assert torch.equal(_probe(loaded), _probe(m))
 
 
+# The real CLI (``compress.cli.main``), with markers written when ``apply_recipe`` starts and ``save`` starts, so
+# the test kills at a known moment instead of after a guessed delay (imports alone take seconds).
+KILL_CHILD = """
+import sys
+from pathlib import Path
+import compress
+
+marks = Path(sys.argv[1])
+
+def marked(name, fn):
+    def run(*a, **k):
+        (marks / name).write_text("")
+        return fn(*a, **k)
+    return run
+
+compress.apply_recipe = marked("apply", compress.apply_recipe)
+compress.save = marked("save", compress.save)
+from compress.cli import main
+sys.argv = ["dit-compress", *sys.argv[2:]]
+main()
+"""
+
+
 @pytest.mark.parametrize("moment", ["during_apply", "during_save"])
 def test_sigkill_leaves_no_loadable_artifact(tmp_path, moment):
-    out = tmp_path / "art"
+    out, marks = tmp_path / "art", tmp_path / "marks"
+    marks.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "compress.cli", "apply", "int8-weights", "--model", "DiT-B/2",
-                             "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 120
-    if moment == "during_apply":
-        time.sleep(3.0)
-    else:  # wait for the temporary directory to appear, then kill while it is being written
-        while time.time() < deadline and not any(".partial-" in p.name for p in tmp_path.iterdir()):
-            time.sleep(0.005)
+    proc = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(marks), "apply", "int8-weights", "--model",
+                             "DiT-B/2", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    deadline = time.time() + 300
+
+    def wait_for(ready):
+        while not ready() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.002)
+
+    if moment == "during_apply":  # the recipe is running: the model is loaded, nothing is being written yet
+        wait_for(lambda: (marks / "apply").exists())
+        time.sleep(0.2)
+        assert not (marks / "save").exists()
+    else:  # the temporary directory exists and is being filled
+        wait_for(lambda: any(".partial-" in p.name for p in tmp_path.iterdir()))
+        assert any(".partial-" in p.name for p in tmp_path.iterdir())
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]  # alive at the moment of the kill
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL  # and it died of the signal, not of something else
+    assert (marks / "apply").exists() and (marks / "save").exists() == (moment == "during_save")
     assert not out.exists()
     with pytest.raises(DitCompressError):
         compress.load(out)
-    for partial in tmp_path.iterdir():  # a leftover temp dir is never mistaken for an artifact
+    leftovers = [p for p in tmp_path.iterdir() if p.name not in ("marks", "art.work")]  # art.work: for --resume
+    assert all(".partial-" in p.name for p in leftovers), leftovers  # only the hidden temporary directory may remain ...
+    assert len(leftovers) == (moment == "during_save")
+    for partial in [*leftovers, tmp_path / "art.work"]:  # ... and it is never mistaken for an artifact
         with pytest.raises(DitCompressError):
             compress.load(partial)

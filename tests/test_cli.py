@@ -50,7 +50,9 @@ def test_apply_then_bench(tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "b" / "report.json").read_text())
     v = rep["variants"][1]
-    assert v["recipe"] == "int8-weights" and v["quality"]["psnr_db"] > 20 and v["size_mb"] < rep["variants"][0]["size_mb"]
+    # measured 42.7 dB (torch 2.13 CPU); 38 dB allows 3x that error
+    assert v["recipe"] == "int8-weights" and v["quality"]["psnr_db"] > 38
+    assert v["size_mb"] < 0.5 * rep["variants"][0]["size_mb"]  # int8 block weights: about 4x smaller blocks
     for key in ("ms_per_call", "ms_per_image", "speedup"):
         assert v["speed"][key] > 0
     assert (tmp_path / "b" / "pareto.png").exists() and (tmp_path / "b" / "report.md").exists()

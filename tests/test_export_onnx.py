@@ -103,8 +103,48 @@ def test_bench_accepts_an_onnx_export_as_variant(tmp_path):
     assert v["speed"]["ms_per_call"] > 0
 
 
-def test_mismatching_export_fails_with_report_and_leaves_nothing(tmp_path):
-    with pytest.raises(DitCompressError, match=r"failed validation.*t=50 cond: max abs") as e:
-        export_onnx(load_model("reference"), tmp_path / "bad", tolerance=1e-12)  # forced: nothing is that exact
+def scale_initializer(onnx_path, name: str, factor: float) -> None:
+    """Corrupt an exported graph: multiply one weight initializer by ``factor`` (external data rewritten)."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(onnx_path))
+    init = next(i for i in g.graph.initializer if i.name == name)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * factor, name))
+    for f in onnx_path.parent.glob(onnx_path.name + ".data"):
+        f.unlink()
+    onnx.save(g, str(onnx_path), save_as_external_data=True, location=onnx_path.name + ".data")
+
+
+WEIGHT = "model.blocks.5.adaLN_modulation.1.weight"  # one block's adaLN weights, 0.1% too large
+
+
+def test_gate_fails_a_wrong_graph_at_its_default_tolerance(tmp_path):
+    import shutil
+
+    from exporters.onnx import validate_onnx
+
+    m = load_model("reference")
+    good = export_onnx(m, tmp_path / "good")
+    shutil.copytree(good, tmp_path / "bad")
+    scale_initializer(tmp_path / "bad" / "model.onnx", WEIGHT, 1.001)
+    ok, bad = validate_onnx(good / "model.onnx", m), validate_onnx(tmp_path / "bad" / "model.onnx", m)
+    assert ok["passed"] and ok["max_rel_err"] < 1e-5 and ok["tolerance_rel"] == 1e-4
+    # measured: 2.2e-4 relative; the default fp32 tolerance (1e-4) fails it
+    assert not bad["passed"] and 1.5e-4 < bad["max_rel_err"] < 1e-3
+
+
+def test_mismatching_export_fails_with_report_and_leaves_nothing(tmp_path, monkeypatch):
+    import exporters.onnx as onnx_export
+
+    fix = onnx_export.fix_noop_squeeze
+
+    def corrupting(path):  # a post-export step that damages the graph: what the gate is there to catch
+        scale_initializer(path, WEIGHT, 1.001)
+        return fix(path)
+
+    monkeypatch.setattr(onnx_export, "fix_noop_squeeze", corrupting)
+    with pytest.raises(DitCompressError, match=r"failed validation.*tolerance 0.0001 relative.*t=50 cond: max abs") as e:
+        export_onnx(load_model("reference"), tmp_path / "bad")  # the default tolerance
     assert "Nothing was written" in str(e.value)
     assert list(tmp_path.iterdir()) == []

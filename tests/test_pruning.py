@@ -79,17 +79,31 @@ def test_scored_selection_drops_identity_blocks(method):
     assert f"kept blocks ({method}): block [0, 2]" in notes[-1]
 
 
+def source_indices(pruned, source) -> list[int]:
+    """For each block left in ``pruned``, the index of the ``source`` block whose weights it holds exactly."""
+    src = [blk.state_dict() for blk in source.blocks]
+    found = []
+    for blk in pruned.blocks:
+        sd = blk.state_dict()
+        found.append(next(i for i, s in enumerate(src) if s.keys() == sd.keys()
+                          and all(torch.equal(s[k], sd[k]) for k in s)))
+    return found
+
+
 @pytest.mark.parametrize("method,kept", [("uniform", [0, 2]), ("last", [0, 1])])
 def test_baseline_selections(method, kept):
-    out = compress.apply_recipe(randomized_dit(), recipe({"pass": "prune_depth", "depth": 0.5, "method": method}),
+    source = randomized_dit()
+    out = compress.apply_recipe(source, recipe({"pass": "prune_depth", "depth": 0.5, "method": method}),
                                 show_progress=False)
+    assert source_indices(out, source) == kept  # the kept blocks are those source blocks, weights untouched
     assert f"block {kept}" in provenance(out)["passes"][0]["notes"][-1]
 
 
 def test_manual_keep_and_bad_fields():
-    out = compress.apply_recipe(randomized_dit(), recipe({"pass": "prune_depth", "depth": 3, "method": "manual",
-                                                          "keep": {"block": [0, 1, 3]}}), show_progress=False)
-    assert len(out.blocks) == 3
+    source = randomized_dit()
+    out = compress.apply_recipe(source, recipe({"pass": "prune_depth", "depth": 3, "method": "manual",
+                                                "keep": {"block": [0, 1, 3]}}), show_progress=False)
+    assert source_indices(out, source) == [0, 1, 3]
     with pytest.raises(DitCompressError, match=r"field 'keep.block'.*0..3"):
         compress.apply_recipe(randomized_dit(), recipe({"pass": "prune_depth", "depth": 1, "method": "manual",
                                                         "keep": {"block": [7]}}), show_progress=False)
@@ -208,15 +222,31 @@ def test_distill_recovers_toward_teacher():
 
 
 def test_real_data_file_is_checked(tmp_path):
+    from compress.passes import CalibrationConfig, PassContext
+    from compress.training import TrainingBatches, TrainingData
+
     bad = tmp_path / "bad.safetensors"
     save_file({"latents": torch.zeros(4, 3, 8, 8), "y": torch.zeros(4, dtype=torch.long)}, str(bad))
     with pytest.raises(DitCompressError, match=r"latents have shape \(3, 8, 8\); the model expects \(1, 8, 8\)"):
         compress.apply_recipe(randomized_dit(), recipe({"pass": "distill", **FAST_TRAIN, "data": {"real": str(bad)}}),
                               show_progress=False)
-    good = tmp_path / "good.safetensors"
-    save_file({"latents": torch.randn(8, 1, 8, 8), "y": torch.arange(8)}, str(good))
-    compress.apply_recipe(randomized_dit(), recipe({"pass": "distill", **FAST_TRAIN, "data": {"real": str(good)}}),
-                          show_progress=False)
+    good, other = tmp_path / "good.safetensors", tmp_path / "other.safetensors"
+    latents = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    save_file({"latents": latents, "y": torch.arange(8)}, str(good))
+    save_file({"latents": -latents, "y": torch.arange(8)}, str(other))
+    # the file is what the denoising loss trains on: its latents and labels, as given
+    ctx = PassContext.for_model(randomized_dit(), CalibrationConfig(**CAL), show_progress=False)
+    data = TrainingBatches(ctx.calibration, TrainingData(real=str(good)), get_adapter(ctx.calibration.model).contract())
+    assert torch.equal(data.x0, latents) and torch.equal(data.cond0["y"], torch.arange(8))
+    # and end to end: a different real-data file trains a different student from the same seed
+    trained = {p.name: compress.apply_recipe(randomized_dit(), recipe({"pass": "distill", **FAST_TRAIN,
+                                                                       "data": {"real": str(p)}}), show_progress=False)
+               for p in (good, other)}
+    a, b = (outputs(m) for m in trained.values())
+    assert not torch.allclose(a, b, atol=1e-6)
+    again = compress.apply_recipe(randomized_dit(), recipe({"pass": "distill", **FAST_TRAIN, "data": {"real": str(good)}}),
+                                  show_progress=False)
+    assert torch.equal(outputs(again), a)  # same file, same student: the difference is the data
 
 
 # --- recipes on every family ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 from compress import apply_recipe, load, save
 from compress.errors import DitCompressError
 from compress.models.adapters import get_adapter
-from compress.nn.quant import FP8_MAX, QuantLinear
+from compress.nn.quant import FP8_MAX, QuantLinear, WeightOnlyLinear
 from compress.passes import PassContext
 from compress.recipe import load_recipe, parse_recipe, with_defaults
 from tests.tiny_models import tiny_diffusers_model
@@ -128,20 +128,61 @@ def test_timestep_group_scales_follow_the_running_step(tiny_native, tmp_path):
     assert torch.equal(outputs(back), outputs(q))
 
 
-@pytest.mark.parametrize("name", ["w8a8-int8", "w8a8-int8-dynamic", "fp8", "fp8-per-tensor-dynamic", "w4a8", "w4a8-svd",
-                                  "int8-weights", "int4-weights-g32", "int4-weights-g32-asym"])
-@pytest.mark.parametrize("family", ["native", "diffusers-dit", "pixart", "sd3", "flux"])
+# Output rel. MSE of each bundled recipe on each family with FAST_CALIB, as measured (this test's ``err``,
+# torch 2.13 CPU); the test allows 3x that. Recipes order: as in QUANT_RECIPES.
+QUANT_RECIPES = ["w8a8-int8", "w8a8-int8-dynamic", "fp8", "fp8-per-tensor-dynamic", "w4a8", "w4a8-svd",
+                 "int8-weights", "int4-weights-g32", "int4-weights-g32-asym"]
+MEASURED = {
+    "native": [1.10e-3, 3.24e-5, 5.34e-4, 4.23e-4, 1.72e-3, 1.42e-3, 4.09e-6, 1.38e-3, 9.42e-4],
+    "diffusers-dit": [2.10e-5, 2.73e-6, 5.84e-5, 6.74e-5, 2.39e-4, 8.64e-5, 1.08e-6, 3.65e-4, 2.50e-4],
+    "pixart": [4.57e-5, 2.02e-6, 6.26e-5, 5.48e-5, 1.29e-4, 4.43e-5, 7.29e-7, 2.44e-4, 2.40e-4],
+    "sd3": [4.01e-6, 6.76e-7, 1.53e-5, 2.28e-5, 3.36e-5, 1.86e-5, 2.56e-7, 8.08e-5, 6.11e-5],
+    "flux": [7.40e-6, 1.37e-6, 5.16e-5, 2.65e-5, 6.90e-5, 3.13e-5, 3.94e-7, 2.06e-4, 1.15e-4],
+}
+
+
+def block_compute_linears(model) -> tuple[int, int]:
+    """(attention + MLP projections, adaLN modulation Linears) inside the blocks, counted from the adapter's
+    views (not from the pass's own layer selection)."""
+    blocks = get_adapter(model).blocks()
+    compute = {id(p) for b in blocks for a in b.attentions for p in a.projections().values()}
+    compute |= {id(lin) for b in blocks for m in b.mlps for lin in (m.fc_in, m.fc_out)}
+    return len(compute), len({id(m) for b in blocks for m in b.modulation})
+
+
+def quantized_layers(model) -> dict[str, int]:
+    """How many layers of each quantized format the model holds, e.g. {"int8/int8": 48, "w4": 12}."""
+    kinds: dict[str, int] = {}
+    for m in model.modules():
+        k = (f"{m.weight_format}/{m.act_format}" if isinstance(m, QuantLinear)
+             else f"w{m.bits}" if isinstance(m, WeightOnlyLinear) else None)
+        if k:
+            kinds[k] = kinds.get(k, 0) + 1
+    return kinds
+
+
+@pytest.mark.parametrize("name", QUANT_RECIPES)
+@pytest.mark.parametrize("family", list(MEASURED))
 def test_bundled_quantization_recipes_apply_to_every_family(name, family, tmp_path):
     from compress.sources import load_model
 
     model = load_model("reference") if family == "native" else tiny_diffusers_model(family)
+    n, n_mod = block_compute_linears(model)
+    assert (n, n_mod) == {"native": (48, 12), "diffusers-dit": (18, 3), "pixart": (20, 0), "sd3": (37, 6),
+                          "flux": (34, 6)}[family]
     r = load_recipe(name)
     r = with_defaults(r, calibration=r.defaults.calibration.model_copy(update=FAST_CALIB))
     q = apply_recipe(model, r, show_progress=False)
+    expected = {"w8a8-int8": {"int8/int8": n}, "w8a8-int8-dynamic": {"int8/int8": n}, "fp8": {"fp8/fp8": n},
+                "fp8-per-tensor-dynamic": {"fp8/fp8": n}, "w4a8": {"int4/int8": n}, "w4a8-svd": {"int4/int8": n},
+                "int8-weights": {"w8": n + n_mod}, "int4-weights-g32": {"w4": n, "w8": n_mod},
+                "int4-weights-g32-asym": {"w4": n}}[name]
+    assert quantized_layers(q) == {k: v for k, v in expected.items() if v}
+    if name == "w4a8-svd":
+        assert all(m.rank == 16 and m.lora_up.abs().sum() > 0 for m in q.modules() if isinstance(m, QuantLinear))
     err = rel_err(outputs(q), outputs(model))
-    bound = {"int8-weights": 1e-3, "w8a8-int8": 0.02, "w8a8-int8-dynamic": 0.02, "fp8": 0.05,
-             "fp8-per-tensor-dynamic": 0.05}.get(name, 0.15)
-    assert err < bound, err
+    bound = 3 * MEASURED[family][QUANT_RECIPES.index(name)]
+    assert 0 < err < bound, (err, bound)
     if family in ("native", "flux"):  # artifacts round-trip bit-exactly
         save(q, tmp_path / "a")
         assert torch.equal(outputs(load(tmp_path / "a")), outputs(q))
@@ -161,11 +202,13 @@ def test_int4_artifact_is_under_30_percent_of_fp32(tmp_path):
     ({"weights": {"dtype": "fp8", "group_size": 32}}, "weights.group_size"),
     ({"activations": {"mode": "dynamic", "timestep_groups": 4}}, "activations.timestep_groups"),
     ({"smoothing": {"alpha": 1.5}}, "smoothing.alpha"),
+    ({"smoothing": {"grid": [0.5, 2.0]}}, "smoothing.grid"),
+    ({"weights": {"reduce_range": True}}, "weights.reduce_range"),
 ])
 def test_inconsistent_formats_are_rejected_by_field(cfg, field):
     with pytest.raises(DitCompressError) as e:
         recipe({"pass": "quantize", **cfg})
-    assert field.split(".")[0] in str(e.value)
+    assert f"pass #1 ('quantize'), field '{field}': " in str(e.value), str(e.value)
 
 
 def test_low_rank_too_large_names_the_layer(tiny_native):

@@ -70,6 +70,14 @@ BROKEN = [
     (with_(("name",), "has spaces"), "field 'name': String should match pattern"),
     (with_(("description",), ""), "field 'description': String should have at least 1 character"),
     (with_(("passes",), [{"pass": None}]), "pass #1"),
+    (with_(("defaults",), "fast"), "field 'defaults': Input should be an object"),
+    (with_(("defaults", "calibration"), [1]), "field 'defaults.calibration': Input should be an object"),
+    (with_(("defaults", "calibration", "keep_steps"), 0), "field 'defaults.calibration.keep_steps': Input should be "
+                                                          "greater than or equal to 1"),
+    (with_(("defaults", "calibration", "batch_size"), 0), "field 'defaults.calibration.batch_size'"),
+    (with_((*Q, "weights", "per_channel"), "sometimes"), "field 'weights.per_channel': Input should be a valid boolean"),
+    (with_((*Q, "weights", "reduce_range"), True), "field 'weights.reduce_range': 7-bit weights are for"),
+    (with_((*Q, "layers", "exclude"), "blocks.0.*"), "field 'layers.exclude': Input should be a valid array"),
     (with_(("passes",), [GOOD["passes"][0], {"pass": "quantize", "weights": {"dtype": "fp7"}}]),
      "pass #2 ('quantize'), field 'weights.dtype'"),
 ]
@@ -86,8 +94,21 @@ def test_broken_recipe_names_the_problem(tmp_path, data, expected):
     assert "\n" not in msg.strip()  # one paragraph
 
 
-def test_table_is_big_enough():
-    assert len(BROKEN) >= 30
+def test_every_field_has_a_broken_case():
+    """The table names every field of the recipe, its defaults and calibration, and the quantize pass's weights
+    and layers: a field added without a broken case here fails this test."""
+    from compress.calibration import CalibrationConfig
+    from compress.passes.base import LayerSelection
+    from compress.passes.quantize import WeightQuant
+    from compress.recipe import RecipeDefaults, recipe_model
+
+    fields = [f"field '{f}'" for f in recipe_model().model_fields]
+    fields += [f"field 'defaults.{f}'" for f in RecipeDefaults.model_fields]
+    fields += [f"field 'defaults.calibration.{f}'" for f in CalibrationConfig.model_fields]
+    fields += [f"field 'weights.{f}'" for f in WeightQuant.model_fields]
+    fields += [f"field 'layers.{f}'" for f in LayerSelection.model_fields]
+    named = " ".join(expected for _, expected in BROKEN)
+    assert [f for f in fields if f not in named] == []
 
 
 @pytest.mark.parametrize("text,expected", [

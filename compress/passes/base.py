@@ -119,19 +119,21 @@ def _match(name: str, pattern: str) -> bool:
 def select_block_linears(model: nn.Module, sel: LayerSelection, pass_name: str) -> list[str]:
     """Dotted names of the Linear layers inside transformer blocks that ``sel`` picks.
 
-    Embedders and the final layer are outside the blocks and stay in high precision by design; adaLN
-    modulation layers are skipped unless asked. A pattern that matches nothing is an error that names it.
+    Embedders and the final layer stay in high precision by design (outside the blocks, or inside as the
+    block's ``embedders``); adaLN modulation layers are skipped unless asked. A pattern that matches nothing
+    is an error that names it.
     """
     from compress.models.adapters import get_adapter
 
     adapter = get_adapter(model)
     modulation = {id(m) for b in adapter.blocks() for m in b.modulation}
+    embedded = {id(m) for b in adapter.blocks() for e in b.embedders for m in e.modules()}
     candidates = []
     for b in adapter.blocks():
         for name, mod in b.module.named_modules():
             is_mod = id(mod) in modulation
             wanted = {"skip": not is_mod, "include": True, "only": is_mod}[sel.modulation]
-            if isinstance(mod, nn.Linear) and wanted:
+            if isinstance(mod, nn.Linear) and wanted and id(mod) not in embedded:
                 candidates.append(f"{b.path}.{name}")
     if not candidates and sel.include == ["*"] and not sel.exclude:
         return []  # e.g. modulation 'only' on PixArt, whose adaLN lives outside the blocks: nothing to do

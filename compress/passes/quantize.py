@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from compress.errors import DitCompressError
@@ -75,12 +75,19 @@ class Smoothing(BaseModel):
         False, description="Weight each timestep's activation salience by its complementarity (1 - Spearman rho) "
                            "with the weight salience, as PTQ4DiT does, instead of taking the max over timesteps.")
 
-    @model_validator(mode="after")
-    def _check(self):
-        vals = self.grid if self.alpha == "search" else [self.alpha]
-        if not vals or any(not 0.0 <= a <= 1.0 for a in vals):
-            raise ValueError("smoothing strengths (alpha / grid) must lie in [0, 1]")
-        return self
+    @field_validator("alpha")
+    @classmethod
+    def _check_alpha(cls, v):
+        if v != "search" and not 0.0 <= v <= 1.0:
+            raise ValueError("the migration strength must lie in [0, 1]")
+        return v
+
+    @field_validator("grid")
+    @classmethod
+    def _check_grid(cls, v):
+        if not v or any(not 0.0 <= a <= 1.0 for a in v):
+            raise ValueError("the strengths 'search' tries must be a non-empty list of values in [0, 1]")
+        return v
 
 
 class LowRank(BaseModel):

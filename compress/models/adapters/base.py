@@ -80,6 +80,9 @@ class BlockView:
     attentions: list[AttentionView] = field(default_factory=list)
     mlps: list[MLPView] = field(default_factory=list)
     modulation: list[nn.Linear] = field(default_factory=list)
+    # Condition embedders the block owns (diffusers' DiT keeps a copy of the timestep/label embedder in every
+    # block): not transformer compute, so layer selection leaves their Linears alone, like the model's embedders.
+    embedders: list[nn.Module] = field(default_factory=list)
 
 
 class ModelAdapter:

@@ -194,6 +194,7 @@ class DiffusersDiTAdapter(_DiffusersAdapter):
         return BlockView(
             kind, index, path, block, attentions=[_attention(f"{path}.attn1", block.attn1)],
             mlps=[_feed_forward(f"{path}.ff", block.ff)], modulation=_modulation(block, ("norm1",)),
+            embedders=[e for e in (getattr(block.norm1, "emb", None),) if e is not None],
         )
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
