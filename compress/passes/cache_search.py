@@ -235,7 +235,7 @@ def search(model: nn.Module, contract: SamplingContract, settings: CacheSettings
         else:
             _search_interval(combo, goal, score, steps, depth, settings.interval)
     ok = [c for c in scored if (c.speedup >= goal.target_speedup - 1e-9 if goal.target_speedup is not None
-                                else c.psnr_db >= goal.min_psnr)]
+                                else c.psnr_db >= goal.min_psnr and c.skipped > 0)]  # skipping nothing never pays
     curve = sorted((c.row() for c in scored), key=lambda r: r["speedup"])
     if not ok:
         best = max(scored, key=lambda c: c.speedup if goal.target_speedup is not None else c.psnr_db, default=None)
