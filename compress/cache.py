@@ -18,6 +18,7 @@ input of block ``i``, or the output of the last block for boundary ``depth``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -249,20 +250,43 @@ def needs_probe_input(policy: CachePolicy) -> bool:
     return policy.method == "first_block" and policy.metric == "modulated_input"
 
 
-# ---- PyTorch: one model pass with wrapped blocks ---------------------------------------------------
-class TorchStepCache:
-    """``call(x, t, cond)`` for one sampling run of ``adapter``'s model under ``contract.cache``."""
+@contextlib.contextmanager
+def wrapped_blocks(views: list, wrap: Callable[[int, Callable], Callable]):
+    """Every block's ``forward`` replaced by ``wrap(index, forward)`` inside the block (restored after)."""
+    saved = [v.module.__dict__.get("forward") for v in views]
+    for i, v in enumerate(views):
+        v.module.forward = wrap(i, v.module.forward)
+    try:
+        yield
+    finally:
+        for v, old in zip(views, saved):
+            if old is None:
+                del v.module.forward
+            else:
+                v.module.forward = old
 
-    def __init__(self, adapter: ModelAdapter, call: Callable, contract: SamplingContract):
-        self.views = adapter.blocks()
-        self.call = call
-        self.engine = CacheEngine(contract.cache, contract.steps, len(self.views), branches_of(contract))
-        self.forms: list[BlockForm | None] = [None] * len(self.views)
-        self.last_probe: torch.Tensor | None = None  # TeaCache's metric input of the last call (calibration fits)
+
+class CachedCall:
+    """A denoiser call for one sampling run under a policy; ``stats`` says what it skipped."""
+
+    def __init__(self, contract: SamplingContract, depth: int):
+        self.engine = CacheEngine(contract.cache, contract.steps, depth, branches_of(contract))
 
     @property
     def stats(self) -> dict:
         return self.engine.stats()
+
+
+# ---- PyTorch: one model pass with wrapped blocks ---------------------------------------------------
+class TorchStepCache(CachedCall):
+    """``call(x, t, cond)`` for one sampling run of ``adapter``'s model under ``contract.cache``."""
+
+    def __init__(self, adapter: ModelAdapter, call: Callable, contract: SamplingContract):
+        self.views = adapter.blocks()
+        super().__init__(contract, len(self.views))
+        self.call = call
+        self.forms: list[BlockForm | None] = [None] * len(self.views)
+        self.last_probe: torch.Tensor | None = None  # TeaCache's metric input of the last call (calibration fits)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         eng = self.engine
@@ -270,23 +294,16 @@ class TorchStepCache:
         run = {"compute": True, "state_a": None, "state_b": None, "state_0": None, "probe": None}
         if a == 0:  # no probe blocks: the decision is the schedule's
             run["compute"] = eng.decide()
-        saved, hooks = [], []
-        for i, view in enumerate(self.views):
-            saved.append(view.module.__dict__.get("forward"))
-            view.module.forward = self._wrapped(i, view.module.forward, run)
+        hooks = []
         if needs_probe_input(eng.policy):
             def grab(_m, args, kwargs):
                 run["probe"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             hooks.append(self.views[0].attentions[0].module.register_forward_pre_hook(grab, with_kwargs=True))
         try:
-            return self.call(x, t, cond)
+            with wrapped_blocks(self.views, lambda i, forward: self._wrapped(i, forward, run)):
+                return self.call(x, t, cond)
         finally:
             self.last_probe = run["probe"]
-            for view, old in zip(self.views, saved):
-                if old is None:
-                    del view.module.forward
-                else:
-                    view.module.forward = old
             for h in hooks:
                 h.remove()
 
@@ -323,7 +340,7 @@ class TorchStepCache:
 Segment = Callable[[torch.Tensor, torch.Tensor, Cond, State | None], State | torch.Tensor]
 
 
-class SegmentedStepCache:
+class SegmentedStepCache(CachedCall):
     """A cached call over segments: ``segments[(start, stop)]`` maps (x, t, cond, state at start) to the state at
     stop; ``(0, 0)`` is the embedding (no state in), ``(depth, depth)`` the final layer (returns the prediction)."""
 
@@ -332,12 +349,8 @@ class SegmentedStepCache:
             raise DitCompressError(
                 "cache policy 'first_block' with metric 'modulated_input' (TeaCache) reads block 0's attention input, "
                 "which a segmented runtime does not expose; use metric 'residual' (FirstBlockCache) for this runtime.")
+        super().__init__(contract, depth)
         self.segments, self.depth = segments, depth
-        self.engine = CacheEngine(contract.cache, contract.steps, depth, branches_of(contract))
-
-    @property
-    def stats(self) -> dict:
-        return self.engine.stats()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         eng = self.engine
@@ -403,7 +416,6 @@ class SegmentModule(nn.Module):
         conds = dict(zip(self.cond_keys, (c0, c1, c2, c3)))
         given = (s_hidden, s_context)
         taken: list[State] = []
-        saved = []
 
         def wrap(i, forward):
             form = self.forms[i]
@@ -424,17 +436,8 @@ class SegmentModule(nn.Module):
 
             return fwd
 
-        for i, v in enumerate(views):
-            saved.append(v.module.__dict__.get("forward"))
-            v.module.forward = wrap(i, v.module.forward)
-        try:
+        with wrapped_blocks(views, wrap):
             out = adapter.forward(latent, timestep, conds)
-        finally:
-            for v, old in zip(views, saved):
-                if old is None:
-                    del v.module.forward
-                else:
-                    v.module.forward = old
         if start == depth:
             return out
         hidden, context = taken[0]

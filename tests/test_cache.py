@@ -225,6 +225,10 @@ def test_segmented_onnx_export_samples_like_the_pytorch_sampler(tmp_path, tiny_n
     a, b = sample(model, cond, noise), sample(runner, cond, noise)
     assert a.cache["decisions"] == b.cache["decisions"] and 0 in a.cache["decisions"]
     assert float((b.samples - a.samples).abs().max()) <= 1e-3 * float(a.samples.abs().max())  # the export's gate
+    from exporters.tensorrt import build_engine
+
+    with pytest.raises(DitCompressError, match="'first_block' step-cache policy.*cannot apply it"):
+        build_engine(tmp_path / "e", tmp_path / "trt")
     tea = _with(randomized_dit(), cache=CachePolicy(method="first_block", threshold=0.2, metric="modulated_input"))
     with pytest.raises(DitCompressError, match="metric 'modulated_input' \\(TeaCache\\).*metric 'residual'"):
         export_onnx(tea, tmp_path / "t")

@@ -83,6 +83,14 @@ class CacheSettings(BaseModel):
                                                                           "stage (front blocks cached from here on, "
                                                                           "back blocks before).")
 
+    @model_validator(mode="after")
+    def _fields_fit_method(self):
+        bad = self.misplaced_fields()
+        if bad:
+            raise ValueError(f"{bad[0]}: does not apply to method {self.method!r} (it reads "
+                             f"{', '.join(METHOD_FIELDS[self.method])}, warmup, cooldown, max_cached)")
+        return self
+
     def misplaced_fields(self) -> list[str]:
         """Fields that were set but the method does not read."""
         own = set(METHOD_FIELDS[self.method])
@@ -100,10 +108,6 @@ class CachePolicy(CacheSettings):
 
     @model_validator(mode="after")
     def _complete(self):
-        bad = self.misplaced_fields()
-        if bad:
-            raise ValueError(f"{bad[0]}: does not apply to method {self.method!r} (it reads "
-                             f"{', '.join(METHOD_FIELDS[self.method])}, warmup, cooldown, max_cached)")
         for f in REQUIRED[self.method]:
             if getattr(self, f) is None:
                 raise ValueError(f"{f}: method {self.method!r} needs it")

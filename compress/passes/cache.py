@@ -39,10 +39,7 @@ class CacheConfig(PassConfig, CacheSettings):
                           "trajectories (None: the policy exactly as given).")
 
     @model_validator(mode="after")
-    def _fields_fit_method(self):
-        bad = self.misplaced_fields()
-        if bad:
-            raise ValueError(f"{bad[0]}: does not apply to method {self.method!r}")
+    def _complete_unless_searched(self):
         if self.calibrate is None:
             try:
                 self.policy()

@@ -41,13 +41,15 @@ class CalibrateConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    target_speedup: float | None = Field(None, gt=1.0, le=10_000, description="Reach at least this speed-up in "
-                                                                              "block evaluations, at the least error.")
-    min_psnr: float | None = Field(None, gt=0.0, le=100.0, description="Or: the fastest policy whose samples stay "
-                                                                       "at least this close (dB) to the uncached "
-                                                                       "model's.")
-    samples: int = Field(32, ge=2, le=4096, description="Calibration images (seeded; both guidance branches run).")
-    batch_size: int = Field(64, ge=1, le=4096, description="Images sampled at once.")
+    target_speedup: float | None = Field(
+        None, gt=1.0, le=10_000, description="Reach at least this speed-up in block evaluations, at the least error.")
+    min_psnr: float | None = Field(
+        None, gt=0.0, le=100.0, description="Or: the fastest policy whose samples stay at least this close (dB) to "
+                                            "the uncached model's.")
+    samples: int = Field(
+        32, ge=2, le=4096, description="Calibration images (seeded; both guidance branches run).")
+    batch_size: int = Field(
+        64, ge=1, le=4096, description="Images sampled at once.")
 
     @model_validator(mode="after")
     def _one_goal(self):
