@@ -151,13 +151,14 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def speed_part(console: Console, steps: int, batch: int, repeats: int) -> dict:
+def speed_part(console: Console, steps: int, batch: int, repeats: int, out: Path) -> dict:
     src = compress.load_model("reference")
     ref = run_bench(Variant("reference", src),
                     [Variant(r, compress.apply_recipe(src, r, show_progress=False), recipe=r)
                      for r in ("cache-2x", "cache-4x")],
-                    BenchConfig(samples=1, quality=False, grid=False, timing="sampling", repeats=repeats),
-                    OUT / "speed_reference", console=console,
+                    BenchConfig(samples=1, quality=False, grid=False, timing="sampling", warmup=min(3, repeats),
+                                repeats=repeats),
+                    out / "speed_reference", console=console,
                     extra={"command": "python -m benchmarks.caching --part speed"})
     big = compress.load_model("DiT-B/2")
     policies = {"fora interval 2": {"method": "fora", "interval": 2},
@@ -167,7 +168,7 @@ def speed_part(console: Console, steps: int, batch: int, repeats: int) -> dict:
                                               for n, f in policies.items()],
                     BenchConfig(samples=1, steps=steps, quality=False, grid=False, timing="sampling",
                                 speed_batch=batch, warmup=1, repeats=repeats),
-                    OUT / "speed_DiT-B-2", console=console,
+                    out / "speed_DiT-B-2", console=console,
                     extra={"command": "python -m benchmarks.caching --part speed"})
     for v in dit["variants"][1:]:
         s = v["speed"]
@@ -184,12 +185,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="speed part: DiT-B/2 sampling steps")
     ap.add_argument("--batch", type=int, default=2, help="speed part: DiT-B/2 images per timed run")
     ap.add_argument("--repeats", type=int, default=5, help="speed part: timed runs per variant")
+    ap.add_argument("--out", type=Path, default=OUT, help="speed part: where the reports go")
     args = ap.parse_args()
     console = Console()
     if args.part == "quality":
         quality_part(args.samples, console)
     else:
-        speed_part(console, args.steps, args.batch, args.repeats)
+        speed_part(console, args.steps, args.batch, args.repeats, args.out)
 
 
 if __name__ == "__main__":

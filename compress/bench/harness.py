@@ -184,7 +184,8 @@ def run_bench(baseline: Variant, variants: list[Variant], config: BenchConfig, o
     quality: dict[str, dict] = {v.name: {"fd": None, "class_acc": None, "psnr_db": None, "ssim": None,
                                          "fd_to_source": None, "finite": True} for v in allv}
     speed: dict[str, dict] = {v.name: {"ms_per_call": None, "p90_ms_per_call": None, "ms_per_image": None,
-                                       "images_per_s": None, "speedup": None, "peak_mem_mb": None} for v in allv}
+                                       "images_per_s": None, "speedup": None, "peak_mem_mb": None,
+                                       "skipped_block_fraction": None} for v in allv}
     grids: dict[str, str] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
