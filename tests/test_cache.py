@@ -213,6 +213,26 @@ def test_cache_composes_with_a_few_step_student_schedule(tiny_native):
 
 
 # ---- runtimes -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", [CachePolicy(method="delta_dit", interval=2, delta_blocks=2, delta_boundary=5),
+                                    CachePolicy(method="first_block", threshold=1.0, warmup=1)],
+                         ids=["delta_dit", "first_block"])
+def test_segments_run_the_policy_like_the_block_hooks(tiny_native, policy):
+    from compress.cache import SegmentedStepCache, torch_segments
+
+    c = get_adapter(tiny_native).contract().model_copy(update={"steps": 10, "guidance_scale": 1.5, "cache": policy})
+
+    class Segmented:
+        contract = c
+
+        def cached_call(self, contract):
+            return SegmentedStepCache(torch_segments(tiny_native, policy, contract.steps), contract, 4)
+
+    cond, noise = _inputs(c)
+    hooks, segs = sample(tiny_native, cond, noise, contract=c), sample(Segmented(), cond, noise, contract=c)
+    assert hooks.cache["decisions"] == segs.cache["decisions"] and 0 in hooks.cache["decisions"]
+    torch.testing.assert_close(segs.samples, hooks.samples, rtol=1e-5, atol=1e-5)
+
+
 def test_segmented_onnx_export_samples_like_the_pytorch_sampler(tmp_path, tiny_native):
     from exporters.onnx import OnnxRunner, export_onnx
 
