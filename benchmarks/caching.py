@@ -1,6 +1,7 @@
 """Step caching on the reference model (quality) and on DiT-B/2 (speed).
 
     python -m benchmarks.caching --part quality --samples 1000   # fixed methods vs calibrated, PSNR / FD, plot
+    python -m benchmarks.caching --part policies --samples 1000  # the same without the searches (their choices)
     python -m benchmarks.caching --part speed                    # measured ms/image (needs an idle machine)
 
 quality: the reference model at its contract (50 DDIM steps, CFG 1.5). Each fixed method at its usual
@@ -47,13 +48,28 @@ FIXED = {  # name -> cache pass fields (the method's usual setting)
 }
 
 
+# Policies the cache pass's search chose on the reference (32 calibration samples, seed 0; the search is
+# deterministic, so `dit-compress apply cache-2x` records the same one): evaluated without re-searching by
+# --part policies, for machines where the searches themselves take too long.
+CHOSEN = {
+    "cache-2x's choice (taylorseer, target 3x)": {"method": "taylorseer", "interval": 4, "warmup": 2, "cooldown": 2,
+                                                  "order": 2, "forecast": "output"},
+    "search at 2.5x (taylorseer)": {"method": "taylorseer", "interval": 3, "warmup": 2, "cooldown": 2, "order": 2,
+                                    "forecast": "output"},
+    "search at 2.5x (fora)": {"method": "fora", "interval": 3, "warmup": 2, "cooldown": 2},
+    "search at 6x (taylorseer)": {"method": "taylorseer", "interval": 10, "warmup": 1, "cooldown": 2, "order": 2,
+                                  "forecast": "residual"},
+}
+
+
 def cached(model, fields: dict, name: str):
     return compress.apply_recipe(model, {"name": name, "description": "benchmark policy",
                                          "passes": [{"pass": "cache", **fields}]}, show_progress=False)
 
 
 def skipped(model, samples: int, seed: int = 0) -> float:
-    """The policy's skipped block fraction over the benchmark's own samples (same noise and labels)."""
+    """The policy's skipped block fraction over the first ``samples`` of the benchmark's own (same noise and
+    labels; schedule policies skip the same on any data)."""
     c = get_adapter(model).contract()
     labels = torch.tensor([i % 10 for i in range(samples)])
     cond = c.example_cond(samples, torch.Generator().manual_seed(seed + 1), labels=labels)
@@ -110,6 +126,34 @@ def quality_part(samples: int, console: Console) -> dict:
     atomic_write_text(OUT / "quality.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(OUT / "quality.md", table(result))
     plot(result, OUT / "psnr_vs_speedup.png")
+    console.print(table(result))
+    return result
+
+
+def policies_part(samples: int, console: Console) -> dict:
+    """The fixed methods and the searches' recorded choices (no search): PSNR / FD on ``samples`` images."""
+    src = compress.load_model("reference")
+    rows, variants = [], []
+    for kind, table_ in (("fixed", FIXED), ("calibrated", CHOSEN)):
+        for name, fields in table_.items():
+            m = cached(src, fields, "policy")
+            frac = skipped(m, min(samples, 64))
+            rows.append({"name": name, "kind": kind, "skipped_block_fraction": round(frac, 4),
+                         "block_speedup": round(1 / (1 - frac), 3), "policy": fields, "search": None})
+            variants.append(Variant(name, m, recipe=fields["method"]))
+    cmd = f"python -m benchmarks.caching --part policies --samples {samples}"
+    report = run_bench(Variant("reference", src), variants, BenchConfig(samples=samples, speed=False),
+                       OUT / "policies", console=console, extra={"command": cmd})
+    q = {v["name"]: v["quality"] for v in report["variants"]}
+    base_fd = q["reference"]["fd"]
+    for r in rows:
+        r |= {k: q[r["name"]][k] for k in ("psnr_db", "fd", "class_acc", "fd_to_source")}
+        r["fd_over_source"] = round(r["fd"] / base_fd, 4) if r["fd"] is not None else None
+    result = {"command": cmd, "machine": machine_info(), "samples": samples, "source_fd": base_fd,
+              "source_class_acc": q["reference"]["class_acc"], "rows": rows}
+    atomic_write_text(OUT / "policies.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(OUT / "policies.md", table(result))
+    plot(result, OUT / "psnr_vs_speedup_policies.png")
     console.print(table(result))
     return result
 
@@ -180,7 +224,7 @@ def speed_part(console: Console, steps: int, batch: int, repeats: int, out: Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["quality", "speed"], required=True)
+    ap.add_argument("--part", choices=["quality", "policies", "speed"], required=True)
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=20, help="speed part: DiT-B/2 sampling steps")
     ap.add_argument("--batch", type=int, default=2, help="speed part: DiT-B/2 images per timed run")
@@ -190,6 +234,8 @@ def main() -> None:
     console = Console()
     if args.part == "quality":
         quality_part(args.samples, console)
+    elif args.part == "policies":
+        policies_part(args.samples, console)
     else:
         speed_part(console, args.steps, args.batch, args.repeats, args.out)
 
