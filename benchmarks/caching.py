@@ -195,15 +195,26 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def speed_part(console: Console, steps: int, batch: int, repeats: int, out: Path) -> dict:
+def speed_part(console: Console, steps: int, batch: int, repeats: int, out: Path, models: str) -> dict:
+    results = {}
+    if models in ("both", "reference"):
+        results["reference"] = _speed_reference(console, repeats, out)
+    if models in ("both", "dit"):
+        results["DiT-B/2"] = _speed_dit(console, steps, batch, repeats, out)
+    return results
+
+
+def _speed_reference(console: Console, repeats: int, out: Path) -> dict:
     src = compress.load_model("reference")
-    ref = run_bench(Variant("reference", src),
-                    [Variant(r, compress.apply_recipe(src, r, show_progress=False), recipe=r)
-                     for r in ("cache-2x", "cache-4x")],
-                    BenchConfig(samples=1, quality=False, grid=False, timing="sampling", warmup=min(3, repeats),
-                                repeats=repeats),
-                    out / "speed_reference", console=console,
-                    extra={"command": "python -m benchmarks.caching --part speed"})
+    variants = [Variant(r, compress.apply_recipe(src, r, show_progress=False), recipe=r)
+                for r in ("cache-2x", "cache-4x")]
+    config = BenchConfig(samples=1, quality=False, grid=False, timing="sampling", warmup=min(3, repeats),
+                         repeats=repeats)
+    return run_bench(Variant("reference", src), variants, config, out / "speed_reference", console=console,
+                     extra={"command": "python -m benchmarks.caching --part speed"})
+
+
+def _speed_dit(console: Console, steps: int, batch: int, repeats: int, out: Path) -> dict:
     big = compress.load_model("DiT-B/2")
     policies = {"fora interval 2": {"method": "fora", "interval": 2},
                 "fora interval 4": {"method": "fora", "interval": 4},
@@ -219,7 +230,7 @@ def speed_part(console: Console, steps: int, batch: int, repeats: int, out: Path
         expect = 1 / (1 - s["skipped_block_fraction"])
         console.print(f"{v['name']}: measured {s['speedup']:.2f}x, skipped-block bound {expect:.2f}x "
                       f"({s['speedup'] / expect:.0%})")
-    return {"reference": ref, "DiT-B/2": dit}
+    return dit
 
 
 def main() -> None:
@@ -230,6 +241,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2, help="speed part: DiT-B/2 images per timed run")
     ap.add_argument("--repeats", type=int, default=5, help="speed part: timed runs per variant")
     ap.add_argument("--out", type=Path, default=OUT, help="speed part: where the reports go")
+    ap.add_argument("--models", choices=["both", "reference", "dit"], default="both", help="speed part: which")
     args = ap.parse_args()
     console = Console()
     if args.part == "quality":
@@ -237,7 +249,7 @@ def main() -> None:
     elif args.part == "policies":
         policies_part(args.samples, console)
     else:
-        speed_part(console, args.steps, args.batch, args.repeats, args.out)
+        speed_part(console, args.steps, args.batch, args.repeats, args.out, args.models)
 
 
 if __name__ == "__main__":

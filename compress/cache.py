@@ -144,7 +144,8 @@ def check_policy(policy: CachePolicy, steps: int, depth: int) -> None:
     try:
         policy.check_schedule(steps, depth)
     except ValueError as e:
-        raise DitCompressError(f"cache policy '{policy.method}', field '{e}'.") from None
+        field, _, why = str(e).partition(": ")
+        raise DitCompressError(f"cache policy '{policy.method}', field '{field}': {why}.") from None
     if depth < 1:
         raise DitCompressError("cache policy: the model has no transformer blocks to cache.")
 

@@ -67,7 +67,8 @@ def export_segments(model: nn.Module, contract: SamplingContract, keys: list[str
             result = mod(x, t, *conds, *([None] * (4 - len(keys))),
                          s_hidden=None if state is None else state[0], s_context=None if state is None else state[1])
         final = start == stop == len(mod.forms)
-        outs = ["prediction"] if final else (["out_hidden", "out_context"] if isinstance(result, tuple) else ["out_hidden"])
+        pair = isinstance(result, tuple)
+        outs = ["prediction"] if final else (["out_hidden", "out_context"] if pair else ["out_hidden"])
         ins = ["latent", "timestep", *keys, *(["s_hidden", "s_context"][: len(args) - 2 - len(keys)])]
         name = f"seg_{start}_{stop}.onnx"
         with warnings.catch_warnings():

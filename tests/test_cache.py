@@ -57,7 +57,7 @@ def test_family_without_block_views_is_refused(tiny_native, monkeypatch):
 def test_interval_above_overridden_steps_is_refused_at_sampling(tiny_native):
     c = get_adapter(tiny_native).contract().model_copy(update={"cache": CachePolicy(method="fora", interval=10)})
     cond, noise = _inputs(c)
-    with pytest.raises(DitCompressError, match="field 'interval: 10 is larger than the 6 sampling steps"):
+    with pytest.raises(DitCompressError, match="field 'interval': 10 is larger than the 6 sampling steps"):
         sample(tiny_native, cond, noise, contract=c.with_overrides(steps=6))
 
 

@@ -261,8 +261,8 @@ def run_bench(baseline: Variant, variants: list[Variant], config: BenchConfig, o
             for v in allv
         ],
         "notes": {
-            "speed": ((rep.SPEED_NOTE_SAMPLING if timing == "sampling" else rep.SPEED_NOTE).format(**config.model_dump())
-                      if config.speed else "speed not measured"),
+            "speed": ((rep.SPEED_NOTE_SAMPLING if timing == "sampling" else rep.SPEED_NOTE)
+                      .format(**config.model_dump()) if config.speed else "speed not measured"),
             "timing": timing if config.speed else None,
             "peak_mem": rep.PEAK_MEM_NOTE_CUDA if cuda else rep.PEAK_MEM_NOTE_CPU,
             "peak_mem_kind": "CUDA max_memory_allocated" if cuda else "process peak RSS (VmHWM)",
