@@ -32,6 +32,7 @@ from compress.models.adapters import get_adapter
 from compress.models.size import param_count
 from exporters.qdq import lower_for_export, qdq_translations
 from exporters.runtime import Runner, contract_of, export_meta, register_runtime
+from exporters.segments import OrtSegments, check_segments, export_segments, refuse_policy
 
 MAX_CONDS = 4
 
@@ -165,6 +166,7 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, opset: int = 20, force
     model = model.eval()
     adapter = get_adapter(model)
     contract = adapter.contract()
+    refuse_policy(contract)
     traced, n_qdq = lower_for_export(model, qdq_activations)
     x, t, cond = _inputs(contract, 2, 500.0, 0)
     keys = sorted(cond)
@@ -210,7 +212,25 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, opset: int = 20, force
                 f"ONNX export of {type(model).__name__} failed validation against PyTorch (tolerance "
                 f"{report['tolerance_rel']:.1g} relative, {report['precision']}): {lines}. Nothing was written to "
                 f"{out}.")
-        meta = {"inputs": names, "output": "prediction", "dynamic": {"batch": True, "resolution": False,
+        segments = None
+        if contract.cache is not None:  # the policy's pieces, checked by sampling with it in both runtimes
+            import onnxruntime as ort
+
+            segments = export_segments(traced, contract, keys, tmp, opset)
+            depth = len(adapter.blocks())
+            ort_segs = OrtSegments(tmp, segments, keys, lambda p: ort.InferenceSession(
+                str(p), providers=["CPUExecutionProvider"]))
+            check = check_segments(model, contract, ort_segs, depth, 1e-3 if report["precision"] == "fp32" else 5e-2)
+            report["cache"] = check
+            if not check["passed"]:
+                raise DitCompressError(
+                    f"segmented ONNX export for the '{contract.cache.method}' cache policy failed validation: sampling "
+                    f"with the policy, ONNX Runtime {'made the same' if check['same_decisions'] else 'made other'} "
+                    f"skip decisions and differs by {check['max_rel_err']:.3g} relative (tolerance "
+                    f"{check['tolerance_rel']:.0e}). Nothing was written to {out}.")
+            log.append(f"{len(segments)} segments for the {contract.cache.method} cache policy (embedding, block "
+                       f"ranges, final layer), validated by sampling with the policy")
+        meta = {"inputs": names, "output": "prediction", "segments": segments, "dynamic": {"batch": True, "resolution": False,
                                                                      "resolution_reason": "position embeddings are "
                                                                      "fixed-size tables in every supported family"},
                 "opset": opset, "log": log, "qdq_layers": n_qdq,
@@ -263,10 +283,22 @@ class OnnxRunner(Runner):
                                    f"{self.contract.latent_shape}; the files do not belong together. Export again.")
         self.cond_keys = self.meta["inputs"][2:]
         self.provider = self.session.get_providers()[0]  # the one actually used (see ENVIRONMENT notes)
+        self.segments = None
+        if self.meta.get("segments"):  # a segmented export: the runner applies the cache policy
+            self.segments = OrtSegments(d, self.meta["segments"], self.cond_keys, lambda p: ort.InferenceSession(
+                str(p), options, providers=providers or ["CPUExecutionProvider"]))
         self.params = self.meta.get("params")
         self.size_bytes = sum(f.stat().st_size for f in d.iterdir() if f.name.startswith("model.onnx"))
         self.recipe = self.meta.get("recipe")
         self.description = f"ONNX Runtime ({self.provider})"
+
+    def cached_call(self, contract):
+        """The call for one sampling run under ``contract.cache``, through the export's segments."""
+        if self.segments is None:
+            raise DitCompressError("this ONNX export has no segments, so ONNX Runtime cannot apply the "
+                                   f"'{contract.cache.method}' cache policy; export the artifact that carries it.")
+        depth = max(d["stop"] for d in self.meta["segments"])
+        return self.segments.cached_call(contract, depth)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])

@@ -183,6 +183,12 @@ def build_engine(export_dir: str | Path, out_dir: str | Path, *, precision: str 
         raise DitCompressError(f"{export_dir}: not a dit-compress ONNX export (no export.json); run "
                                f"'dit-compress export onnx' first.")
     meta_in = export_meta(export_dir, ONNX_EXPORT.marker)
+    policy = (meta_in.get("sampling") or {}).get("cache")
+    if policy:
+        raise DitCompressError(f"{export_dir}: the export samples with a '{policy.get('method')}' step-cache policy, "
+                               f"which needs its segments run step by step; this TensorRT builder makes one engine "
+                               f"of the whole graph and cannot apply it. Build from an export without the cache "
+                               f"pass (ONNX Runtime runs the segmented export).")
     onnx_path = export_dir / "model.onnx"
     trt = require_tensorrt()
     import torch

@@ -68,7 +68,8 @@ def test_report_schema(bench):
         assert {"name", "recipe", "steps", "nfe", "quality", "speed", "params", "size_mb", "macs_per_call"} <= set(v)
         assert set(v["quality"]) == {"fd", "class_acc", "psnr_db", "ssim", "fd_to_source", "finite"}
         assert set(v["speed"]) == {"ms_per_call", "p90_ms_per_call", "ms_per_image", "images_per_s", "speedup",
-                                   "peak_mem_mb"}
+                                   "peak_mem_mb", "skipped_block_fraction"}
+        assert v["speed"]["skipped_block_fraction"] is None  # no cache policy: per-call timing, nothing skipped
         assert v["steps"] == 4 and v["nfe"] == 8  # CFG doubles the evaluations
         # digits family (10 classes, 1x8x8): the bundled evaluator scores it
         assert v["quality"]["fd"] is not None and 0 <= v["quality"]["class_acc"] <= 1

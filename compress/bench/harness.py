@@ -18,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -50,6 +50,10 @@ class BenchConfig(BaseModel):
     repeats: int = Field(10, ge=1, description="Timed calls per variant (interleaved across variants).")
     quality: bool = Field(True, description="Sample and score quality.")
     speed: bool = Field(True, description="Time transformer calls.")
+    timing: Literal["auto", "call", "sampling"] = Field(
+        "auto", description="'call': one transformer call at speed_batch (ms/image = ms/call x NFE / batch); "
+                            "'sampling': whole sampling runs of speed_batch images; 'auto': sampling when any variant "
+                            "has a step-cache policy (its calls cost differently step by step), else call.")
     grid: bool = Field(True, description="Write a sample grid per variant (image-shaped latents).")
 
     @field_validator("sampler")
@@ -181,7 +185,8 @@ def run_bench(baseline: Variant, variants: list[Variant], config: BenchConfig, o
     quality: dict[str, dict] = {v.name: {"fd": None, "class_acc": None, "psnr_db": None, "ssim": None,
                                          "fd_to_source": None, "finite": True} for v in allv}
     speed: dict[str, dict] = {v.name: {"ms_per_call": None, "p90_ms_per_call": None, "ms_per_image": None,
-                                       "images_per_s": None, "speedup": None, "peak_mem_mb": None} for v in allv}
+                                       "images_per_s": None, "speedup": None, "peak_mem_mb": None,
+                                       "skipped_block_fraction": None} for v in allv}
     grids: dict[str, str] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
@@ -209,21 +214,33 @@ def run_bench(baseline: Variant, variants: list[Variant], config: BenchConfig, o
                 del s
 
     macs: dict[str, int | None] = {v.name: None for v in allv}
+    timing = config.timing
+    if timing == "auto":
+        timing = "sampling" if any(contracts[v.name].cache is not None for v in allv) else "call"
     if config.speed:
-        entries = [spd.SpeedEntry(v.name, v.runner, spd.speed_inputs(contracts[v.name], config.speed_batch,
-                                                                      config.seed), v.runner.device) for v in allv]
+        if timing == "sampling":
+            entries = [spd.sampling_entry(v.name, v.runner, contracts[v.name], config.speed_batch, config.seed)
+                       for v in allv]
+        else:
+            entries = [spd.SpeedEntry(v.name, v.runner, spd.speed_inputs(contracts[v.name], config.speed_batch,
+                                                                          config.seed), v.runner.device) for v in allv]
         total = (config.warmup + config.repeats) * len(entries)
         with Progress(*columns, console=console, transient=True, disable=console is None) as bar:
             task = bar.add_task(f"timing {len(entries)} variants, interleaved", total=total)
             stats = spd.time_interleaved(entries, config.warmup, config.repeats, on_call=lambda: bar.advance(task))
         base_ms = stats[baseline.name].median_ms
-        for v in allv:
-            st = stats[v.name]
-            ms_img = st.median_ms / config.speed_batch * nfe[v.name]
+        runs = timing == "sampling"  # a run's time per image (per step for the per-call columns)
+        for v, e in zip(allv, entries):
+            st, per = stats[v.name], contracts[v.name].steps if runs else 1
+            ms_img = st.median_ms / config.speed_batch * (1 if runs else nfe[v.name])
+            base_img = base_ms / config.speed_batch * (1 if runs else nfe[baseline.name])
+            cache = e.info.get("cache")
             speed[v.name] = {
-                "ms_per_call": _finite(st.median_ms, 4), "p90_ms_per_call": _finite(st.p90_ms, 4),
+                "ms_per_call": _finite(st.median_ms / per, 4), "p90_ms_per_call": _finite(st.p90_ms / per, 4),
                 "ms_per_image": _finite(ms_img, 4), "images_per_s": _finite(1000.0 / ms_img, 3),
-                "speedup": _finite(base_ms / st.median_ms, 3), "peak_mem_mb": _finite(st.peak_mem_mb, 1),
+                "speedup": _finite(base_img / ms_img if runs else base_ms / st.median_ms, 3),
+                "peak_mem_mb": _finite(st.peak_mem_mb, 1),
+                "skipped_block_fraction": _finite(cache["skipped_block_fraction"], 4) if cache else None,
             }
         for v in allv:
             if v.model is not None:
@@ -245,7 +262,9 @@ def run_bench(baseline: Variant, variants: list[Variant], config: BenchConfig, o
             for v in allv
         ],
         "notes": {
-            "speed": rep.SPEED_NOTE.format(**config.model_dump()) if config.speed else "speed not measured",
+            "speed": ((rep.SPEED_NOTE_SAMPLING if timing == "sampling" else rep.SPEED_NOTE)
+                      .format(**config.model_dump()) if config.speed else "speed not measured"),
+            "timing": timing if config.speed else None,
             "peak_mem": rep.PEAK_MEM_NOTE_CUDA if cuda else rep.PEAK_MEM_NOTE_CPU,
             "peak_mem_kind": "CUDA max_memory_allocated" if cuda else "process peak RSS (VmHWM)",
             "size_mb": "MB = 2^20 bytes; the weights file's size on disk when the variant has one, else "

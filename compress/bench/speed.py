@@ -32,6 +32,22 @@ def speed_inputs(contract: SamplingContract, batch: int, seed: int) -> tuple[tor
     return x, t, cond
 
 
+def sampling_entry(name: str, runner, contract: SamplingContract, batch: int, seed: int) -> SpeedEntry:
+    """A whole sampling run of ``batch`` images as the timed call: with a step-cache policy the cost of a call
+    depends on the step, so only a run measures ms per image (and the policy's skipped work) honestly."""
+    from compress.diffusion.sampling import sample
+
+    gen = torch.Generator().manual_seed(seed)
+    cond = contract.example_cond(batch, gen)
+    noise = torch.randn((batch, *contract.latent_shape), generator=gen)
+
+    def run(x, _t, c):
+        entry.info["cache"] = sample(runner, c, x, contract=contract, seed=seed).cache
+
+    entry = SpeedEntry(name, run, (noise, torch.zeros(batch), cond), runner.device)
+    return entry
+
+
 @torch.no_grad()
 def macs_per_call(model: nn.Module, seed: int = 0) -> int | None:
     """Analytic multiply-accumulates of one PyTorch transformer call at batch 1 (FLOPs / 2).
@@ -89,6 +105,7 @@ class SpeedEntry:
     device: torch.device
     times_ms: list[float] = field(default_factory=list)
     peak_mb: float | None = None
+    info: dict = field(default_factory=dict)  # what the last call reported (a sampling run's cache stats)
 
 
 @dataclass

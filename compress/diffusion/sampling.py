@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from compress.cache import step_cache
 from compress.diffusion.schedules import STOCHASTIC, make_scheduler, set_schedule
 from compress.models.adapters import Cond, ModelAdapter, get_adapter
 from compress.models.contract import SamplingContract
@@ -33,6 +34,7 @@ class SampleResult:
     samples: torch.Tensor  # final latents / images
     nfe: int  # transformer evaluations per image (a CFG step counts two)
     calls: int  # batched transformer calls made
+    cache: dict | None = None  # what the contract's step-cache policy skipped (None: no policy)
 
 
 def make_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -74,6 +76,7 @@ def sample(
     """
     call, own = resolve(denoiser)
     c = contract or own
+    call = step_cache(denoiser, call, c)  # the contract's cache policy, fresh state for this run
     sched = make_scheduler(c.sampler, c.prediction)
     set_schedule(sched, c.sampler, c.prediction, c.steps, c.timesteps)
     gen = torch.Generator().manual_seed(seed)
@@ -99,7 +102,7 @@ def sample(
         if c.sampler == "tcd":
             kwargs["eta"] = c.eta
         x = sched.step(out, t, x, **kwargs).prev_sample
-    return SampleResult(samples=x, nfe=c.nfe, calls=calls)
+    return SampleResult(samples=x, nfe=c.nfe, calls=calls, cache=getattr(call, "stats", None))
 
 
 def sample_batched(

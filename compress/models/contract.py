@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compress.errors import DitCompressError
+from compress.models.cache_policy import CachePolicy
 
 Cond = dict[str, torch.Tensor]
 
@@ -62,7 +63,8 @@ class SamplingContract(BaseModel):
     guidance_baked: float | None = Field(
         None, description="A distilled student with this guidance scale trained in: it samples without guidance and "
                           "has no guidance input (informational; distillation uses it as a teacher as it is).")
-    cache: dict | None = Field(None, description="Step-cache policy every sampler and runner applies (None: off).")
+    cache: CachePolicy | None = Field(None, description="Step-cache policy every sampler and runner applies (None: "
+                                                        "off); see compress.models.cache_policy.")
 
     @model_validator(mode="after")
     def _schedule(self):
@@ -74,6 +76,11 @@ class SamplingContract(BaseModel):
                 raise ValueError("timesteps: must be strictly descending, in [0, 1000)")
         if self.guidance_input is not None and self.guidance_input not in {c.name for c in self.conditions}:
             raise ValueError(f"guidance_input: {self.guidance_input!r} is not one of the conditions")
+        if self.cache is not None:
+            try:
+                self.cache.check_schedule(self.steps)
+            except ValueError as e:
+                raise ValueError(f"cache.{e}") from None
         return self
 
     # -- conditions ------------------------------------------------------------------------------------
