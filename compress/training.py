@@ -282,6 +282,10 @@ class Trainer:
     checkpoints and exact resume, DDP) stays here.
     """
 
+    # Some parameters may receive no gradient in a step (routed experts no token was sent to): DDP must then look
+    # for unused parameters.
+    sparse_gradients: bool = False
+
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: TrainingConfig, run: RunContext,
                  source: CalibrationSource, tag: str):
         self.student, self.teacher, self.cfg, self.run_ctx, self.source, self.tag = (
@@ -369,7 +373,7 @@ class Trainer:
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            model = DistributedDataParallel(trainee, find_unused_parameters=extra is not None)
+            model = DistributedDataParallel(trainee, find_unused_parameters=extra is not None or self.sparse_gradients)
 
         w = cfg.loss
         use_features = w.features > 0

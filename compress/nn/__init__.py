@@ -6,6 +6,6 @@ and then loads the weights strictly. Any class registered here can therefore app
 """
 
 from compress.nn.registry import build_module, module_spec, replayable
-from compress.nn import quant  # noqa: E402,F401  (registers quantized modules)
+from compress.nn import moe, quant  # noqa: E402,F401  (registers MoE and quantized modules)
 
 __all__ = ["build_module", "module_spec", "replayable"]
