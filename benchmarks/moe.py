@@ -1,7 +1,7 @@
 """Dense-to-MoE: quality on the reference model, expert utilisation, and DiT-B/2 speed (PyTorch and ONNX Runtime).
 
-    python -m benchmarks.moe --part quality --samples 1000   # moe-top2 (+ the w8a8 composite) vs the source
-    python -m benchmarks.moe --part ablation --samples 200   # partitions and E/k without recovery
+    python -m benchmarks.moe --part quality --samples 1000   # moe-top2 vs the source (+ the w8a8 composite)
+    python -m benchmarks.moe --part ablation --samples 0 --calib-samples 16   # settings, no recovery
     python -m benchmarks.moe --part speed                    # DiT-B/2 256 px, batch 4: dense vs MoE, torch + ORT
 
 ``quality`` trains ``moe-top2`` (or reuses ``runs/moe/moe-top2``, e.g. written by ``dit-compress apply
@@ -55,9 +55,9 @@ def utilisation(model, rows) -> dict:
     return out
 
 
-def held_out_rows(model):
-    """Trajectories the passes never saw (seed 1): 64 images x 50 steps at the reference's guidance."""
-    return PassContext.for_model(model, CalibrationConfig(samples=64, steps=50, cfg_scale=REFERENCE_CFG), seed=1,
+def held_out_rows(model, samples: int = 64):
+    """Trajectories the passes never saw (seed 1): ``samples`` images x 50 steps at the reference's guidance."""
+    return PassContext.for_model(model, CalibrationConfig(samples=samples, steps=50, cfg_scale=REFERENCE_CFG), seed=1,
                                  show_progress=False).calibration.rows()
 
 
@@ -108,15 +108,12 @@ def quality_part(a, console: Console) -> None:
         if p["pass"] == "moe" and a.recovery_steps:
             p["training"]["steps"] = a.recovery_steps
     moe = trained("moe-top2", data, model, ctx, console, runs=a.runs)
-    composite = load_recipe("moe-top2-w8a8").model_dump(mode="json", by_alias=True)
-    quant = {**composite, "name": "moe-top2-w8a8", "passes": composite["passes"][1:]}
-    q = compress.apply_recipe(moe.model, quant, ctx=ctx, show_progress=False)
-    variants = [variant_from_source(str(a.runs / "moe-top2"), "moe-top2"),
-                Variant("moe-top2-w8a8", q, recipe="moe-top2-w8a8 (its quantize pass on the moe-top2 artifact)")]
     cfg = BenchConfig(samples=a.samples, steps=REFERENCE_STEPS, cfg_scale=REFERENCE_CFG, speed_batch=64)
-    command = f"python -m benchmarks.moe --part quality --samples {a.samples}"
+    command = (f"python -m benchmarks.moe --part quality --samples {a.samples} --composite-samples "
+               f"{a.composite_samples}")
     frac = activated_fraction(moe.model, dense_mlp_params(model))
-    report = run_bench(Variant("source", model), variants, cfg, a.out / "quality", console=console,
+    report = run_bench(Variant("source", model), [variant_from_source(str(a.runs / "moe-top2"), "moe-top2")], cfg,
+                       a.out / "quality", console=console,
                        extra={"command": command, "activated_mlp_params": round(frac, 4)})
     calib = ctx.calibration.rows().spread(a.util_rows)
     held = held_out_rows(model)
@@ -132,17 +129,26 @@ def quality_part(a, console: Console) -> None:
             f"moe-top2 on the reference DiT: tokens per expert / mean ({len(calib)} calibration rows)")
     console.print(f"activated MLP params per token {frac:.1%}; busiest / mean: "
                   f"{summary['worst_block_busiest_over_mean']}")
+    if a.composite_samples:
+        composite = load_recipe("moe-top2-w8a8").model_dump(mode="json", by_alias=True)
+        quant = {**composite, "name": "moe-top2-w8a8", "passes": composite["passes"][1:]}
+        q = compress.apply_recipe(moe.model, quant, ctx=ctx, show_progress=False)
+        cfg = cfg.model_copy(update={"samples": a.composite_samples})
+        run_bench(Variant("source", model), [moe, Variant("moe-top2-w8a8", q, recipe="moe-top2-w8a8 (its quantize "
+                                                          "pass on the moe-top2 artifact)")],
+                  cfg, a.out / "quality-w8a8", console=console, extra={"command": command})
 
 
 def ablation_part(a, console: Console) -> None:
     """Partition methods and E/k/shared settings at conversion (no recovery): how far from dense they start."""
     model = compress.load_model("reference")
-    ctx = PassContext.for_model(model, load_recipe("moe-top2").defaults.calibration, show_progress=False)
+    calib = load_recipe("moe-top2").defaults.calibration.model_copy(update={"samples": a.calib_samples})
+    ctx = PassContext.for_model(model, calib, show_progress=False)
     settings = {"E8 k2 shared1/8 cluster": {}, "E8 k2 shared1/8 importance": {"partition": "importance"},
                 "E8 k2 no shared cluster": {"shared": 0.0}, "E16 k4 shared1/8 cluster": {"experts": 16, "top_k": 4},
                 "E8 k2 shared1/8 cluster, taylor": {"importance": "taylor"},
                 "E8 k2 shared1/8 cluster, no timestep router": {"timestep_router": False}}
-    held = held_out_rows(model)
+    held = held_out_rows(model, a.calib_samples)
     variants = []
     for name, change in settings.items():
         data = recipe_with("moe-top2", None)
@@ -153,9 +159,17 @@ def ablation_part(a, console: Console) -> None:
         frac = activated_fraction(m, dense_mlp_params(model))
         variants.append(Variant(name, m, recipe=data["name"], info={
             "activated_mlp_params": round(frac, 4), "output_rel_mse_vs_source": round(output_error(m, model, held), 5)}))
-    cfg = BenchConfig(samples=a.samples, steps=REFERENCE_STEPS, cfg_scale=REFERENCE_CFG, speed=False)
-    run_bench(Variant("source", model), variants, cfg, a.out / "ablation", console=console,
-              extra={"command": f"python -m benchmarks.moe --part ablation --samples {a.samples}"})
+    command = f"python -m benchmarks.moe --part ablation --samples {a.samples} --calib-samples {a.calib_samples}"
+    rows = {v.name: v.info for v in variants}
+    write_json({"command": command, "machine": machine_info(), "calibration": calib.model_dump(),
+                "held_out_rows": len(held), "variants": rows}, a.out / "ablation" / "conversion.json")
+    for name, info in rows.items():
+        console.print(f"{name}: output rel MSE {info['output_rel_mse_vs_source']:.4f}, activated MLP params "
+                      f"{info['activated_mlp_params']:.1%}")
+    if a.samples:
+        cfg = BenchConfig(samples=a.samples, steps=REFERENCE_STEPS, cfg_scale=REFERENCE_CFG, speed=False)
+        run_bench(Variant("source", model), variants, cfg, a.out / "ablation", console=console,
+                  extra={"command": command, "calibration": calib.model_dump(), "held_out_rows": len(held)})
 
 
 def speed_part(a, console: Console) -> None:
@@ -195,6 +209,8 @@ def main() -> None:
     p.add_argument("--part", choices=["quality", "ablation", "speed"], default="quality")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--recovery-steps", type=int, default=None, help="override moe-top2's training steps")
+    p.add_argument("--composite-samples", type=int, default=300, help="quality: samples for moe-top2-w8a8 (0: skip)")
+    p.add_argument("--calib-samples", type=int, default=256, help="ablation: calibration images (moe-top2: 256)")
     p.add_argument("--util-rows", type=int, default=4096, help="calibration rows routed for the utilisation map")
     p.add_argument("--model", default="DiT-B/2", help="speed: the preset")
     p.add_argument("--batch", type=int, default=4, help="speed: batch per call")

@@ -16,7 +16,7 @@ from compress.nn.timestep import denoiser_call
 from compress.passes.moe import activated_fraction, load_ratio, mlp_params, moe_layers, routing_statistics
 from compress.recipe import load_recipe, parse_recipe
 from tests.conftest import TINY_NATIVE, randomized_dit
-from tests.test_pruning import outputs
+from tests.test_pruning import outputs, torchrun
 from tests.tiny_models import tiny_diffusers_model
 
 CAL = {"samples": 4, "steps": 3, "batch_size": 4}
@@ -169,7 +169,8 @@ def test_moe_then_int8_quantization_composite_reloads_and_exports(tmp_path):
     data = load_recipe("moe-top2-w8a8").model_dump(mode="json", by_alias=True)
     data["defaults"]["calibration"] = CAL
     data["passes"][0]["training"].update({"steps": 2, "batch_size": 4, "warmup": 1})
-    data["passes"][1].update({"smoothing": {"alpha": 0.5}, "activations": {"dtype": "int8", "mode": "static"}})  # no searches
+    # no smoothing / clipping searches: the composition is under test, not the search
+    data["passes"][1].update({"smoothing": {"alpha": 0.5}, "activations": {"dtype": "int8", "mode": "static"}})
     model = randomized_dit(dataclasses.replace(TINY_NATIVE, depth=1))  # one MoE layer of 8 experts: a short export
     out = compress.apply_recipe(model, parse_recipe(data), show_progress=False)
     layer = moe_layers(out)["blocks.0.mlp"]
@@ -205,6 +206,23 @@ def test_a_model_without_mlp_views_is_a_clear_error():
     once = moe(randomized_dit(), experts=4, top_k=2)
     with pytest.raises(DitCompressError, match="exposes no dense MLP"):
         moe(once, experts=4, top_k=2)
+    with pytest.raises(DitCompressError, match="prune width first, then convert to MoE"):
+        compress.apply_recipe(once, {"name": "t", "description": "t", "passes": [{"pass": "prune_width", "mlp": 0.5}],
+                                     "defaults": {"calibration": CAL}}, show_progress=False)
     with pytest.raises(DitCompressError, match="cannot run after"):
         parse_recipe({"name": "t", "description": "t", "passes": [
             {"pass": "quantize", "weights": {"dtype": "int8"}}, {"pass": "moe"}]})
+
+
+def test_moe_training_runs_under_torchrun_with_experts_no_token_chose(tmp_path):
+    """Batch 2 x 16 tokens over 8 top-1 experts: some expert gets no gradient in a step; DDP must cope."""
+    out = torchrun("""
+from compress.passes.moe import MoEConfig, MoETrainer
+cfg = MoEConfig(experts=8, top_k=1, shared=0, training={"steps": 6, "batch_size": 2, "checkpoint_every": 3})
+student = compress.apply_recipe(teacher, {"name": "d", "description": "d", "passes": [
+    {"pass": "moe", **cfg.model_dump(exclude={"training"}, by_alias=True)}],
+    "defaults": {"calibration": {"samples": 4, "steps": 3}}}, show_progress=False)
+MoETrainer(student, cfg, ctx).run()
+""", tmp_path, 29519)
+    assert "pass1-moe: 6 steps" in out
+    assert (tmp_path / "w" / "pass1-moe.pt").exists()

@@ -111,6 +111,8 @@ class MoEFeedForward(nn.Module):
         if self.t_router is not None:
             t = current_timestep()
             if t is not None:
+                if not _tracing() and t.numel() not in (1, x.shape[0]):
+                    raise ValueError(f"timestep router: {t.numel()} timesteps for a batch of {x.shape[0]} rows")
                 feats = timestep_features(t.to(x.device)).to(x.dtype)
                 logits = logits + self.t_router(feats).reshape(-1, 1, logits.shape[-1])
         return logits

@@ -73,7 +73,8 @@ def _feed_forward(path: str, ff: nn.Module) -> list[MLPView]:
         return []
     fc_in, fc_out = net[0].proj, net[2]
     hidden = fc_out.in_features
-    return [MLPView(path, fc_in, fc_out, hidden, gated=fc_in.out_features == 2 * hidden, activation=_activation(net[0]))]
+    return [MLPView(path, fc_in, fc_out, hidden, gated=fc_in.out_features == 2 * hidden,
+                    activation=_activation(net[0]))]
 
 
 def _modulation(block: nn.Module, names: tuple[str, ...] = ("norm1", "norm1_context", "norm")) -> list[nn.Module]:
