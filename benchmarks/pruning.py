@@ -48,11 +48,12 @@ def recipe_with(name: str, steps: int | None, first_pass: dict | None = None) ->
     return data
 
 
-def trained(name: str, recipe: dict, model, ctx: PassContext, console: Console) -> Variant:
-    """Apply (or resume, or reload) one variant's recipe; report its pass log."""
-    out = RUNS / name
+def trained(name: str, recipe: dict, model, ctx: PassContext, console: Console, runs: Path | None = None) -> Variant:
+    """Apply (or resume, or reload) one variant's recipe under ``runs`` (default ``RUNS``); report its pass log."""
+    runs = runs or RUNS
+    out = runs / name
     if not out.exists():
-        ctx.run.workdir, ctx.run.resume = WorkDir(RUNS / f"{name}.work"), True
+        ctx.run.workdir, ctx.run.resume = WorkDir(runs / f"{name}.work"), True
         t0 = time.perf_counter()
         student = compress.apply_recipe(model, parse_recipe(recipe, name), ctx=ctx, console=console,
                                         show_progress=False)

@@ -324,22 +324,19 @@ def test_killed_recovery_resumes_and_matches_uninterrupted_run(tmp_path):
     assert not (tmp_path / "w").exists()  # the work directory goes once the artifact is written
 
 
-DDP_SCRIPT = """
+DDP_PRELUDE = """
 import sys, torch, torch.distributed as dist
 dist.init_process_group("gloo")
 import compress
 from compress.io import WorkDir
 from compress.passes import CalibrationConfig, PassContext
-from compress.training import Trainer, TrainingConfig
 from tests.conftest import randomized_dit
 teacher = randomized_dit()
-student = compress.apply_recipe(teacher, {"name": "d", "description": "d", "passes": [
-    {"pass": "prune_depth", "depth": 2, "method": "uniform"}]}, show_progress=False)
 ctx = PassContext.for_model(teacher, CalibrationConfig(samples=4, steps=3), show_progress=False)
 ctx.run.workdir = WorkDir(sys.argv[1])
-Trainer(student, teacher, TrainingConfig(steps=6, batch_size=4, checkpoint_every=3), ctx.run, ctx.calibration,
-        tag="ddp").run()
-w = student.blocks[0].attn.qkv.weight.detach().clone()
+"""
+DDP_CHECK = """
+w = torch.cat([p.detach().reshape(-1) for p in student.parameters()])
 all_w = [torch.zeros_like(w) for _ in range(dist.get_world_size())]
 dist.all_gather(all_w, w)
 assert all(torch.equal(all_w[0], x) for x in all_w), "replicas diverged"
@@ -348,15 +345,28 @@ dist.destroy_process_group()
 """
 
 
-def test_distill_runs_under_torchrun_ddp(tmp_path):
+def torchrun(body: str, tmp_path: Path, port: int) -> str:
+    """Run ``body`` on two gloo ranks after ``DDP_PRELUDE`` (``teacher``, ``ctx`` with a work directory); it sets
+    ``student``, whose replicas must then be equal. Returns the ranks' output."""
     script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
+    script.write_text(DDP_PRELUDE + body + DDP_CHECK)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29517", str(script), str(tmp_path / "w")], env=env, capture_output=True, text=True,
+                        str(port), str(script), str(tmp_path / "w")], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert r.stdout.count(" ok ") == 2 and "x 2 rank(s)" in r.stdout
+    return r.stdout
+
+
+def test_distill_runs_under_torchrun_ddp(tmp_path):
+    torchrun("""
+from compress.training import Trainer, TrainingConfig
+student = compress.apply_recipe(teacher, {"name": "d", "description": "d", "passes": [
+    {"pass": "prune_depth", "depth": 2, "method": "uniform"}]}, show_progress=False)
+Trainer(student, teacher, TrainingConfig(steps=6, batch_size=4, checkpoint_every=3), ctx.run, ctx.calibration,
+        tag="ddp").run()
+""", tmp_path, 29517)
     assert (tmp_path / "w" / "ddp.pt").exists()
 
 

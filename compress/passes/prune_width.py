@@ -234,6 +234,11 @@ def _shrink(lin: nn.Linear, rows: list[int] | None, cols: list[int] | None) -> n
 
 @PruneWidthConfig.applies
 def apply_prune_width(model: nn.Module, config: PruneWidthConfig, ctx: PassContext) -> nn.Module:
+    from compress.nn.moe import MoEFeedForward
+
+    if any(isinstance(m, MoEFeedForward) for m in model.modules()):
+        raise DitCompressError("pass 'prune_width': the model's MLPs are routed experts (a 'moe' pass ran before); "
+                               "prune width first, then convert to MoE.")
     adapter = get_adapter(model)
     units = _units(model)
     total = sum(p.numel() for p in model.parameters())

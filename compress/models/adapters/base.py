@@ -58,6 +58,9 @@ class MLPView:
 
     ``fc_out_offset`` is where the MLP's channels start among ``fc_out``'s input features (Flux
     single blocks share one output projection between attention and MLP: [attn | mlp]).
+    ``activation`` names the elementwise activation (``compress.nn.moe.ACTIVATIONS``; for gated MLPs the
+    one applied to the gate), None when the adapter does not know it. ``act_path`` is the activation's own
+    module when it sits outside ``path`` (Flux single blocks), so a pass replacing the MLP can reach it.
     """
 
     path: str
@@ -67,6 +70,8 @@ class MLPView:
     fc_out_offset: int = 0
     # Gated MLPs (GEGLU) have fc_in rows = 2 * hidden: [value | gate].
     gated: bool = False
+    activation: str | None = None
+    act_path: str | None = None
 
 
 @dataclass

@@ -16,6 +16,7 @@ from torch import nn
 
 from compress.models.adapters.base import AttentionView, BlockView, Cond, MLPView, ModelAdapter, register_adapter
 from compress.models.contract import ConditionSpec
+from compress.nn.moe import MoEFeedForward
 
 # Text embeddings (moved to the latent's dtype; zeroed for the unconditional branch, an approximation of the
 # empty-prompt embedding). Masks and guidance are kept as they are.
@@ -48,11 +49,32 @@ def _attention(path: str, a: nn.Module, kind: str = "self") -> AttentionView:
     )
 
 
-def _feed_forward(path: str, ff: nn.Module) -> MLPView:
-    """View of a diffusers ``FeedForward``: net[0].proj expands (x2 for GEGLU/SwiGLU), net[2] projects back."""
-    fc_in, fc_out = ff.net[0].proj, ff.net[2]
+def _activation(act: nn.Module) -> str | None:
+    """The elementwise activation of a diffusers activation module (``compress.nn.moe.ACTIVATIONS`` names)."""
+    name = type(act).__name__
+    if name == "GELU":  # diffusers' GELU (a projection + gelu) or torch's nn.GELU
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    if name == "GEGLU":
+        return "gelu"
+    if name == "ApproximateGELU":
+        return "gelu_sigmoid"
+    if name == "SwiGLU" or isinstance(getattr(act, "activation", None), nn.SiLU):  # SwiGLU, LinearActivation(silu)
+        return "silu"
+    return None
+
+
+def _feed_forward(path: str, ff: nn.Module) -> list[MLPView]:
+    """View of a diffusers ``FeedForward``: net[0].proj expands (x2 for GEGLU/SwiGLU), net[2] projects back.
+
+    Empty for anything else (a ``FeedForward`` the moe pass turned into routed experts).
+    """
+    net = getattr(ff, "net", None)
+    if net is None:
+        return []
+    fc_in, fc_out = net[0].proj, net[2]
     hidden = fc_out.in_features
-    return MLPView(path, fc_in, fc_out, hidden, gated=fc_in.out_features == 2 * hidden)
+    return [MLPView(path, fc_in, fc_out, hidden, gated=fc_in.out_features == 2 * hidden,
+                    activation=_activation(net[0]))]
 
 
 def _modulation(block: nn.Module, names: tuple[str, ...] = ("norm1", "norm1_context", "norm")) -> list[nn.Module]:
@@ -193,7 +215,7 @@ class DiffusersDiTAdapter(_DiffusersAdapter):
     def block_view(self, kind: str, index: int, path: str, block: nn.Module) -> BlockView:
         return BlockView(
             kind, index, path, block, attentions=[_attention(f"{path}.attn1", block.attn1)],
-            mlps=[_feed_forward(f"{path}.ff", block.ff)], modulation=_modulation(block, ("norm1",)),
+            mlps=_feed_forward(f"{path}.ff", block.ff), modulation=_modulation(block, ("norm1",)),
             embedders=[e for e in (getattr(block.norm1, "emb", None),) if e is not None],
         )
 
@@ -221,7 +243,7 @@ class PixArtAdapter(_DiffusersAdapter):
         attns = [_attention(f"{path}.attn1", block.attn1)]
         if block.attn2 is not None:
             attns.append(_attention(f"{path}.attn2", block.attn2, kind="cross"))
-        return BlockView(kind, index, path, block, attentions=attns, mlps=[_feed_forward(f"{path}.ff", block.ff)])
+        return BlockView(kind, index, path, block, attentions=attns, mlps=_feed_forward(f"{path}.ff", block.ff))
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         cond = _text_cond(cond, x)
@@ -263,9 +285,9 @@ class SD3Adapter(_DiffusersAdapter):
         attns = [_attention(f"{path}.attn", block.attn)]
         if block.attn2 is not None:
             attns.append(_attention(f"{path}.attn2", block.attn2))
-        mlps = [_feed_forward(f"{path}.ff", block.ff)]
+        mlps = _feed_forward(f"{path}.ff", block.ff)
         if block.ff_context is not None:
-            mlps.append(_feed_forward(f"{path}.ff_context", block.ff_context))
+            mlps += _feed_forward(f"{path}.ff_context", block.ff_context)
         return BlockView(kind, index, path, block, attentions=attns, mlps=mlps, modulation=_modulation(block))
 
     def after_structure_change(self) -> None:
@@ -324,14 +346,18 @@ class FluxAdapter(_DiffusersAdapter):
         if kind == "joint":
             return BlockView(
                 kind, index, path, block, attentions=[_attention(f"{path}.attn", block.attn)],
-                mlps=[_feed_forward(f"{path}.ff", block.ff), _feed_forward(f"{path}.ff_context", block.ff_context)],
+                mlps=_feed_forward(f"{path}.ff", block.ff) + _feed_forward(f"{path}.ff_context", block.ff_context),
                 modulation=_modulation(block),
             )
-        # Single block: proj_out reads [attn | mlp], so the MLP's columns start after the attention output.
-        hidden = block.proj_mlp.out_features
-        mlp = MLPView(path, block.proj_mlp, block.proj_out, hidden, fc_out_offset=block.proj_out.in_features - hidden)
+        # Single block: proj_out reads [attn | mlp], so the MLP's columns start after the attention output. After
+        # the moe pass proj_mlp holds routed experts that project their own output: no dense MLP view then.
+        mlps = []
+        if not isinstance(block.proj_mlp, MoEFeedForward):
+            hidden = block.proj_mlp.out_features
+            mlps.append(MLPView(path, block.proj_mlp, block.proj_out, hidden, activation=_activation(block.act_mlp),
+                                fc_out_offset=block.proj_out.in_features - hidden, act_path=f"{path}.act_mlp"))
         return BlockView(kind, index, path, block, attentions=[_attention(f"{path}.attn", block.attn)],
-                         mlps=[mlp], modulation=_modulation(block))
+                         mlps=mlps, modulation=_modulation(block))
 
     def after_structure_change(self) -> None:
         m = self.model

@@ -8,7 +8,7 @@ import torch
 
 from compress.models.adapters.base import AttentionView, BlockView, Cond, MLPView, ModelAdapter, register_adapter
 from compress.models.contract import ConditionSpec
-from compress.models.dit import DiT, DiTConfig
+from compress.models.dit import DiT, DiTConfig, Mlp
 
 # Bounds a recorded architecture must satisfy before anything is allocated (DiT-XL/2 is 1152 wide, 28 deep).
 _MAX_PARAMS = 50e9
@@ -76,11 +76,14 @@ class NativeDiTAdapter(ModelAdapter):
         return [ConditionSpec(name="y", kind="label", num_classes=self.model.config.num_classes, null="null_label")]
 
     def block_view(self, kind, index, path, block) -> BlockView:
-        a = block.attn
+        a, mlp = block.attn, block.mlp
+        # a dense Mlp only: once the moe pass turned it into routed experts, it is no longer an MLP view
+        mlps = [MLPView(f"{path}.mlp", mlp.fc1, mlp.fc2, mlp.fc1.out_features, activation="gelu_tanh")
+                ] if isinstance(mlp, Mlp) else []
         return BlockView(
             kind=kind, index=index, path=path, module=block,
             attentions=[AttentionView(f"{path}.attn", a, a.num_heads, a.head_dim, qkv=a.qkv, out=a.proj)],
-            mlps=[MLPView(f"{path}.mlp", block.mlp.fc1, block.mlp.fc2, block.mlp.fc1.out_features)],
+            mlps=mlps,
             modulation=[block.adaLN_modulation[1]],
         )
 
