@@ -45,13 +45,15 @@ def snapshot(*roots: Path) -> dict[str, str]:
 
 
 def cli(*args: str) -> tuple[int, str]:
-    """Run ``dit-compress ARGS`` through its real entry point; (exit code, everything printed)."""
+    """Run ``dit-compress ARGS`` through its real entry point; (exit code, everything printed).
+
+    The CLI's rich console writes to whatever ``sys.stdout`` is at print time, so redirecting it captures the
+    output; pinning ``console.file`` instead would leak into every later test's CliRunner."""
     from compress import cli as cli_mod
 
     buf = io.StringIO()
-    old_argv, old_file = sys.argv, cli_mod.console.file
+    old_argv = sys.argv
     sys.argv = ["dit-compress", *args]
-    cli_mod.console.file = buf
     code = 0
     try:
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
@@ -59,7 +61,7 @@ def cli(*args: str) -> tuple[int, str]:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     finally:
-        sys.argv, cli_mod.console.file = old_argv, old_file
+        sys.argv = old_argv
     return code, buf.getvalue()
 
 

@@ -16,8 +16,9 @@ import copy
 import torch
 from torch import nn
 
-from compress.distillation import add_guidance_input, student_contract
+from compress.distillation.student import add_guidance_input, student_contract
 from compress.distillation.core import grid, lcm_boundary
+from compress.distillation.settings import ConsistencySettings
 from compress.distillation.trainer import DistillTrainer, Guidance, check_schedule, objective_tag
 from compress.models.adapters import get_adapter
 from compress.training import full_state, load_full_state
@@ -70,8 +71,6 @@ class ConsistencyTrainer(DistillTrainer):
 
 
 def distill_consistency(model: nn.Module, config, ctx) -> nn.Module:
-    from compress.passes.distill import ConsistencySettings
-
     settings = config.consistency or ConsistencySettings()
     source = get_adapter(ctx.teacher).contract()
     guidance = Guidance(config.guidance, source)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.distillation import add_guidance_input, student_contract
+from compress.distillation.student import add_guidance_input, student_contract
 from compress.distillation.core import grid, lcm_boundary
 from compress.distillation.trainer import DistillTrainer, Guidance, check_schedule, objective_tag
 from compress.diffusion.sampling import make_noise

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.distillation import add_guidance_input, student_contract
+from compress.distillation.student import add_guidance_input, student_contract
 from compress.distillation.trainer import DistillTrainer, Guidance, objective_tag
 from compress.models.adapters import get_adapter
 from compress.diffusion.sampling import cat_cond

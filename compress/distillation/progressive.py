@@ -16,8 +16,9 @@ import math
 import torch
 from torch import nn
 
-from compress.distillation import add_guidance_input, student_contract
+from compress.distillation.student import add_guidance_input, student_contract
 from compress.distillation.core import grid
+from compress.distillation.settings import ProgressiveSettings
 from compress.distillation.trainer import DistillTrainer, Guidance, check_schedule, objective_tag
 from compress.models.adapters import get_adapter
 
@@ -51,8 +52,6 @@ class ProgressiveRound(DistillTrainer):
 
 
 def distill_progressive(model: nn.Module, config, ctx) -> nn.Module:
-    from compress.passes.distill import ProgressiveSettings
-
     settings = config.progressive or ProgressiveSettings()
     inp = get_adapter(model).contract()
     # round 1's teacher: the pass's input when guidance was already distilled into it (one call per step),

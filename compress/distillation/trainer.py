@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from compress.distillation.core import Diffusion, guided_output
+from compress.distillation.settings import GuidanceSettings
 from compress.errors import DitCompressError
 from compress.models.adapters import Cond, get_adapter
 from compress.models.contract import SamplingContract
@@ -17,8 +18,6 @@ class Guidance:
     """The guidance scales a student is trained at: a range (guidance as an input) or one fixed scale."""
 
     def __init__(self, settings, source: SamplingContract):
-        from compress.passes.distill import GuidanceSettings
-
         g = settings or GuidanceSettings()
         self.input = g.input
         self.scale = float(g.scale if g.scale is not None else max(source.guidance_scale, 1.0))

@@ -48,7 +48,9 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         return read_safetensors(path)
     with open(path, "rb") as f:
         head = f.read(2)
-    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # neither torch's zip format nor a legacy pickle
+    # torch's zip format starts with a local-file header ("PK"; a truncated one is still one), a legacy pickle with
+    # its protocol opcode; anything else was never written by torch.save.
+    if head != b"PK" and head[:1] != b"\x80":
         raise DitCompressError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip format nor a pickle; "
                                f"it starts with {head!r}). Pass a .pt/.pth written by torch.save, or a .safetensors.")
     try:
