@@ -36,7 +36,7 @@ RUNS = Path("runs/few-step")
 STUDENTS = {
     "guidance-distill": ("guidance-distill", {}),
     "few-step-4": ("few-step-4", {}),
-    "two-step": ("few-step-4", {"student": {"steps": 2}}),
+    "two-step": ("one-step", {"student": {"steps": 2}}),  # one-step's schedule, stopped one round earlier
     "one-step": ("one-step", {}),
     "prune-few-step-4": ("prune-few-step-4", {}),
 }

@@ -394,6 +394,11 @@ class Trainer:
     def load_extra_state(self, state: dict) -> None:
         """Inverse of ``extra_state`` on resume."""
 
+    def resume_key(self) -> str:
+        """What a checkpoint must have been trained with to be resumed by this run (compared exactly). Subclasses
+        add the settings that change what a step computes beyond the shared training config."""
+        return self.cfg.model_dump_json()
+
     def setup(self) -> None:
         """Runs once before the student is wrapped for data parallelism and before the resume: build auxiliary
         networks here (``self.wrap`` a trainable one, ``self.shard`` a frozen one) and their optimisers."""
@@ -484,7 +489,7 @@ class Trainer:
         if cfg.ema is not None:
             self.ema = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
         ckpt = run.workdir.file(f"{self.file}.pt") if run.workdir is not None else None
-        cfg_key = cfg.model_dump_json()
+        cfg_key = self.resume_key()
         start = 0
         if ckpt is not None and run.resume and ckpt.exists():
             start = self._resume(ckpt, cfg_key)

@@ -262,6 +262,21 @@ def test_resuming_from_another_objectives_checkpoint_is_refused(tmp_path):
         compress.apply_recipe(randomized_dit(), other, show_progress=False, workdir=WorkDir(work), resume=True)
 
 
+
+def test_resuming_a_progressive_round_with_another_teacher_grid_is_refused(tmp_path):
+    """Same pass, same objective, same training settings: only progressive.start_steps (the teacher's grid) differs."""
+    from compress.io import WorkDir
+
+    work = tmp_path / "w"
+    step = {"pass": "distill", "objective": "progressive", "student": {"steps": 2}, "steps": 2, "batch_size": 2,
+            "checkpoint_every": 1}
+    compress.apply_recipe(randomized_dit(), recipe({**step, "progressive": {"start_steps": 4}}), show_progress=False,
+                          workdir=WorkDir(work))
+    with pytest.raises(DitCompressError, match="another training run.*distill-progressive"):
+        compress.apply_recipe(randomized_dit(), recipe({**step, "progressive": {"start_steps": 8}}),
+                              show_progress=False, workdir=WorkDir(work), resume=True)
+
+
 FSDP_SCRIPT = """
 import sys, json, torch, torch.distributed as dist
 dist.init_process_group("gloo")

@@ -29,6 +29,9 @@ class ConsistencyTrainer(DistillTrainer):
         super().__init__(*args, **kw)
         self.solver_grid, self.target_ema, self.huber_c = solver_grid, target_ema, huber_c
 
+    def objective_key(self) -> dict:
+        return {"solver_grid": self.solver_grid, "target_ema": self.target_ema, "huber_c": self.huber_c}
+
     def setup(self) -> None:
         self.target = self.shard(copy.deepcopy(self.student).eval().requires_grad_(False))
         self.target_adapter = get_adapter(self.target)

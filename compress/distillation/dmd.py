@@ -48,6 +48,9 @@ class DMDTrainer(DistillTrainer):
         super().__init__(*args, **kw)
         self.settings, self.timesteps = settings, timesteps
 
+    def objective_key(self) -> dict:
+        return {"dmd": self.settings.model_dump(mode="json"), "timesteps": list(self.timesteps)}
+
     # -- networks -----------------------------------------------------------------------------------------
     def setup(self) -> None:
         s, lr = self.settings, self.cfg.lr * self.settings.fake_lr_ratio

@@ -31,6 +31,9 @@ class ProgressiveRound(DistillTrainer):
         self.teacher_grid = teacher_grid
         self.student_grid = teacher_grid[::2]
 
+    def objective_key(self) -> dict:
+        return {"teacher_grid": self.teacher_grid}
+
     def train_step(self, step: int) -> dict[str, float]:
         n, d = self.cfg.batch_size, self.diffusion
         k = len(self.student_grid)

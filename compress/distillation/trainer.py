@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 
@@ -24,6 +26,9 @@ class Guidance:
         self.range = tuple(g.range) if g.range is not None else (1.0, max(2 * self.scale, 1.0))
         self.hidden = g.hidden
 
+    def key(self) -> dict:
+        return {"input": self.input, "scale": self.scale, "range": list(self.range), "hidden": self.hidden}
+
     def draw(self, n: int, gen: torch.Generator) -> torch.Tensor:
         if not self.input:
             return torch.full((n,), self.scale)
@@ -40,6 +45,16 @@ class DistillTrainer(Trainer):
         self.guidance = guidance
         self.teacher_contract = get_adapter(teacher).contract()
         self.diffusion = Diffusion(self.teacher_contract.prediction)
+
+    def resume_key(self) -> str:
+        """The shared key plus the guidance and the objective's own settings: a checkpoint of the same pass with
+        another schedule, guidance or objective setting is refused, not silently continued."""
+        return json.dumps({"training": super().resume_key(), "guidance": self.guidance.key(),
+                           "objective": self.objective_key()}, sort_keys=True)
+
+    def objective_key(self) -> dict:
+        """The objective's settings that change what a training step computes (JSON-able)."""
+        return {}
 
     def teacher_output(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, w: torch.Tensor) -> torch.Tensor:
         """The teacher's prediction at scales ``w``: classifier-free guided, through its guidance input if it has
