@@ -1,5 +1,6 @@
 """Few-step students of the reference model: quality against the source and against training-free solvers.
 
+    python -m benchmarks.few_step --part train --only few-step-4   # train (or resume) students only, in parallel
     python -m benchmarks.few_step --part students --samples 1000   # bundled recipes applied, one bench run
     python -m benchmarks.few_step --part solvers --samples 1000    # the source with DPM-Solver++ / UniPC at 1-4 calls
     python -m benchmarks.few_step --part seeds --samples 1000      # few-step-4 trained with three seeds
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -54,9 +56,29 @@ def recipe_data(name: str, overrides: dict, seed: int | None = None) -> dict:
     return data
 
 
+# two-step is one-step's schedule stopped a round earlier: its four rounds are exactly one-step's first four
+# (same settings and teacher grids; the checkpoints' keys check it), so it resumes them instead of retraining.
+SHARED_ROUNDS = {"two-step": ("one-step", 4)}
+
+
+def _share_rounds(label: str, console: Console) -> None:
+    other, rounds = SHARED_ROUNDS[label]
+    src, dst = RUNS / f"{other}.work", RUNS / f"{label}.work"
+    if dst.exists() or not src.exists():
+        return
+    WorkDir(dst)
+    for r in range(1, rounds + 1):
+        name = "pass1-distill.pt" if r == 1 else f"pass1-distill-round{r}.pt"
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+    console.print(f"{label}: resuming {other}'s first {rounds} rounds from {src}")
+
+
 def trained(label: str, data: dict, console: Console) -> Variant:
     """Apply (or resume, or reuse) a recipe on the reference; the variant carries its training cost."""
     out = RUNS / label
+    if not out.exists() and label in SHARED_ROUNDS:
+        _share_rounds(label, console)
     if not out.exists():
         t0 = time.perf_counter()
         student = compress.apply_recipe(compress.load_model("reference"), data, console=console, show_progress=False,
@@ -69,6 +91,13 @@ def trained(label: str, data: dict, console: Console) -> Variant:
              "batch_size": p["config"].get("batch_size"), "cpu_minutes": round(p["seconds"] / 60, 1),
              "notes": p["notes"]} for p in passes]
     return Variant(label, model, recipe=data["name"], info={"training": cost})
+
+
+def train_part(a, console: Console) -> None:
+    """Train (or resume) the students only, e.g. several in parallel processes before one ``students`` run."""
+    for label, (r, o) in STUDENTS.items():
+        if a.only is None or label in a.only.split(","):
+            trained(label, recipe_data(r, o), console)
 
 
 def students_part(a, console: Console) -> None:
@@ -191,7 +220,7 @@ def memory_part(a, console: Console) -> None:
 def main() -> None:
     global RUNS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["students", "solvers", "seeds", "memory"], default="students")
+    p.add_argument("--part", choices=["students", "train", "solvers", "seeds", "memory"], default="students")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--only", default=None, help="students: comma-separated subset of the rows")
     p.add_argument("--speed-batch", type=int, default=8)
@@ -203,7 +232,7 @@ def main() -> None:
     RUNS = a.runs
     torch.set_num_threads(1)
     console = Console(width=180)
-    {"students": students_part, "solvers": solvers_part, "seeds": seeds_part, "memory": memory_part}[a.part](a, console)
+    {"students": students_part, "train": train_part, "solvers": solvers_part, "seeds": seeds_part, "memory": memory_part}[a.part](a, console)
 
 
 if __name__ == "__main__":
