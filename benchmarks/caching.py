@@ -115,17 +115,23 @@ def quality_part(samples: int, console: Console) -> dict:
     report = run_bench(Variant("reference", src), variants, BenchConfig(samples=samples, speed=False),
                        OUT / "quality", console=console,
                        extra={"command": f"python -m benchmarks.caching --part quality --samples {samples}"})
+    return write_rows(rows, report, f"python -m benchmarks.caching --part quality --samples {samples}", samples,
+                      "quality", "psnr_vs_speedup.png", console)
+
+
+def write_rows(rows: list[dict], report: dict, cmd: str, samples: int, name: str, plot_name: str,
+               console: Console) -> dict:
+    """Join a bench report's quality onto the policy rows; write NAME.json, NAME.md and the plot."""
     q = {v["name"]: v["quality"] for v in report["variants"]}
     base_fd = q["reference"]["fd"]
     for r in rows:
         r |= {k: q[r["name"]][k] for k in ("psnr_db", "fd", "class_acc", "fd_to_source")}
         r["fd_over_source"] = round(r["fd"] / base_fd, 4) if r["fd"] is not None else None
-    result = {"command": f"python -m benchmarks.caching --part quality --samples {samples}",
-              "machine": machine_info(), "samples": samples, "source_fd": base_fd,
+    result = {"command": cmd, "machine": machine_info(), "samples": samples, "source_fd": base_fd,
               "source_class_acc": q["reference"]["class_acc"], "rows": rows}
-    atomic_write_text(OUT / "quality.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(OUT / "quality.md", table(result))
-    plot(result, OUT / "psnr_vs_speedup.png")
+    atomic_write_text(OUT / f"{name}.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(OUT / f"{name}.md", table(result))
+    plot(result, OUT / plot_name)
     console.print(table(result))
     return result
 
@@ -144,18 +150,7 @@ def policies_part(samples: int, console: Console) -> dict:
     cmd = f"python -m benchmarks.caching --part policies --samples {samples}"
     report = run_bench(Variant("reference", src), variants, BenchConfig(samples=samples, speed=False),
                        OUT / "policies", console=console, extra={"command": cmd})
-    q = {v["name"]: v["quality"] for v in report["variants"]}
-    base_fd = q["reference"]["fd"]
-    for r in rows:
-        r |= {k: q[r["name"]][k] for k in ("psnr_db", "fd", "class_acc", "fd_to_source")}
-        r["fd_over_source"] = round(r["fd"] / base_fd, 4) if r["fd"] is not None else None
-    result = {"command": cmd, "machine": machine_info(), "samples": samples, "source_fd": base_fd,
-              "source_class_acc": q["reference"]["class_acc"], "rows": rows}
-    atomic_write_text(OUT / "policies.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(OUT / "policies.md", table(result))
-    plot(result, OUT / "psnr_vs_speedup_policies.png")
-    console.print(table(result))
-    return result
+    return write_rows(rows, report, cmd, samples, "policies", "psnr_vs_speedup_policies.png", console)
 
 
 def table(result: dict) -> str:

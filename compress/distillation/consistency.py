@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from compress.distillation.student import add_guidance_input, student_contract
-from compress.distillation.core import grid, lcm_boundary
+from compress.distillation.core import consistency_output, grid
 from compress.distillation.settings import ConsistencySettings
 from compress.distillation.trainer import DistillTrainer, Guidance, check_schedule, objective_tag
 from compress.models.adapters import get_adapter
@@ -42,13 +42,6 @@ class ConsistencyTrainer(DistillTrainer):
     def load_extra_state(self, state: dict) -> None:
         load_full_state(self.target, state["target"])
 
-    def consistency_fn(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x0 = self.diffusion.x0(out, x, t)
-        if self.diffusion.prediction == "flow":
-            return x0
-        c_skip, c_out = lcm_boundary(t, x)
-        return c_skip * x + c_out * x0
-
     def train_step(self, step: int) -> dict[str, float]:
         n, d = self.cfg.batch_size, self.diffusion
         g = torch.tensor(self.solver_grid + [0.0])
@@ -61,9 +54,9 @@ class ConsistencyTrainer(DistillTrainer):
         cond = self.cond_to(cond)
         x_prev = d.ode_step(self.teacher_output(x, t, cond, w), x, t, t_prev)
         with torch.no_grad():
-            target = self.consistency_fn(self.student_call(self.target_adapter.forward, x_prev, t_prev, cond, w),
+            target = consistency_output(self.diffusion, self.student_call(self.target_adapter.forward, x_prev, t_prev, cond, w),
                                          x_prev, t_prev)
-        pred = self.consistency_fn(self.student_call(self.model, x, t, cond, w), x, t)
+        pred = consistency_output(self.diffusion, self.student_call(self.model, x, t, cond, w), x, t)
         c = self.huber_c
         loss = ((pred - target).pow(2).flatten(1).mean(1) + c * c).sqrt().sub(c).mean()
         self.optimize(loss)

@@ -116,3 +116,14 @@ def lcm_boundary(t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, tor
     c_skip = 0.25 / (st**2 + 0.25)
     c_out = st / (st**2 + 0.25) ** 0.5
     return _bcast(c_skip, like), _bcast(c_out, like)
+
+
+def consistency_output(diffusion: "Diffusion", out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The clean image a consistency-style student's sampler takes from its output: LCMScheduler's boundary form
+    for epsilon sources, the plain x0 for flow sources (the flow-LCM sampler uses it as it is)."""
+    x0 = diffusion.x0(out, x, t)
+    if diffusion.prediction == "flow":
+        return x0
+    c_skip, c_out = lcm_boundary(t, x)
+    return c_skip * x + c_out * x0
+

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.distillation.student import add_guidance_input, student_contract
-from compress.distillation.core import grid, lcm_boundary
+from compress.distillation.core import consistency_output, grid
 from compress.distillation.trainer import DistillTrainer, Guidance, check_schedule, objective_tag
 from compress.diffusion.sampling import make_noise
 from compress.models.adapters import get_adapter
@@ -106,14 +106,6 @@ class DMDTrainer(DistillTrainer):
         return noise, s.images.float(), cond
 
     # -- the generator's sampling -------------------------------------------------------------------------------
-    def x0_of(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What the student's sampler takes as the clean image (LCMScheduler's boundary form for epsilon)."""
-        x0 = self.diffusion.x0(out, x, t)
-        if self.diffusion.prediction == "flow":
-            return x0
-        c_skip, c_out = lcm_boundary(t, x)
-        return c_skip * x + c_out * x0
-
     def generator_input(self, n: int):
         """(x, t, cond, w): a batch at one of the student's timesteps, produced by its own earlier steps."""
         d, ts = self.diffusion, self.timesteps
@@ -126,7 +118,7 @@ class DMDTrainer(DistillTrainer):
         for j in range(k):  # the student's own earlier steps (no gradient), as multistep sampling runs them
             t = torch.full((n,), ts[j], device=self.device)
             with torch.no_grad():
-                x0 = self.x0_of(self.student_call(self.model, x, t, cond, w), x, t)
+                x0 = consistency_output(self.diffusion, self.student_call(self.model, x, t, cond, w), x, t)
             noise = torch.randn(x.shape, generator=self.gen).to(self.device)
             x = d.noised(x0, noise, torch.full((n,), ts[j + 1]))
         return x, torch.full((n,), ts[k], device=self.device), cond, w
@@ -136,7 +128,7 @@ class DMDTrainer(DistillTrainer):
         n, d = self.cfg.batch_size, self.diffusion
         x, t, cond, w = self.generator_input(n)
         with torch.no_grad():
-            x0 = self.x0_of(self.student_call(self.model, x, t, cond, w), x, t)
+            x0 = consistency_output(self.diffusion, self.student_call(self.model, x, t, cond, w), x, t)
         tt = self.random_t(n).to(self.device)
         noise = torch.randn(x0.shape, generator=self.gen).to(self.device)
         xt = d.noised(x0, noise, tt)
@@ -173,7 +165,7 @@ class DMDTrainer(DistillTrainer):
             t = torch.cat([t, torch.full((m,), self.timesteps[0], device=self.device)])
             cond = {k: torch.cat([cond[k], zc[k]]) for k in cond}
             w = torch.cat([w, torch.full((m,), self.guidance.scale, device=self.device)])
-        x0_all = self.x0_of(self.student_call(self.model, x, t, cond, w), x, t)
+        x0_all = consistency_output(self.diffusion, self.student_call(self.model, x, t, cond, w), x, t)
         x0 = x0_all[:n]
         cond_g = {k: v[:n] for k, v in cond.items()}
         tt = self.random_t(n, *s.t_range).to(self.device)
