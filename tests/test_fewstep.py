@@ -324,6 +324,23 @@ def test_fsdp2_shards_student_fake_score_and_optimiser_over_two_ranks(tmp_path):
     assert ckpt["parallel"] and ckpt["step"] == 3 and "fake_opt" in ckpt["hooks"]
 
 
+def test_fsdp2_dmd_without_a_gan_head_checkpoints_its_fake_score_optimiser(tmp_path):
+    """No critic: the fake score's last forward is a no-grad one, after which FSDP2 leaves a root gathered; the
+    checkpoint must still find the optimiser's parameters (it raised KeyError before)."""
+    dmd = {**OBJECTIVES["dmd"]["dmd"], "gan": 0.0}
+    step = {"pass": "distill", **OBJECTIVES["dmd"], "dmd": dmd, "steps": 2, "batch_size": 2, "checkpoint_every": 1,
+            "parallel": "fsdp"}
+    script = tmp_path / "fsdp.py"
+    script.write_text(FSDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29534", str(script), json.dumps(recipe(step)), str(tmp_path / "w"), str(tmp_path / "a")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "w" / "pass1-distill.pt", weights_only=True)
+    assert ckpt["parallel"] and ckpt["step"] == 2 and ckpt["hooks"]["fake_opt"]["state"]
+
+
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_dmd_on_a_flow_source_trains_stably(family):
     """Flow (velocity) sources: every DMD loss stays finite and the student's samples stay in the source's range

@@ -77,6 +77,11 @@ class DMDTrainer(DistillTrainer):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         modules = {"fake": self.fake_adapter.model, **({"critic": self.critic} if self.critic is not None else {})}
+        if self.fsdp:  # FSDP2 keeps a root's parameters gathered after a no-grad forward (the fake score's, when
+            # no GAN loss backpropagates through it): reshard, so the optimiser's parameters are the module's again
+            for m in (self.fake, self.critic):
+                if m is not None:
+                    m.reshard()
         opt = (get_optimizer_state_dict(self.fake_group, self.fake_opt, options=StateDictOptions(full_state_dict=True))
                if self.fsdp else self.fake_opt.state_dict())
         return {**{k: full_state(m) for k, m in modules.items()}, "fake_opt": opt}
