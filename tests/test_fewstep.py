@@ -302,16 +302,22 @@ dist.destroy_process_group()
 """
 
 
-def test_fsdp2_shards_student_fake_score_and_optimiser_over_two_ranks(tmp_path):
-    step = {"pass": "distill", **OBJECTIVES["dmd"], "steps": 3, "batch_size": 2, "checkpoint_every": 2,
-            "parallel": "fsdp"}
+def run_fsdp(step: dict, tmp_path: Path, port: int) -> subprocess.CompletedProcess:
+    """``FSDP_SCRIPT`` on two gloo ranks with a one-pass recipe (work dir ``w``, artifact ``a``); must succeed."""
     script = tmp_path / "fsdp.py"
     script.write_text(FSDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29533", str(script), json.dumps(recipe(step)), str(tmp_path / "w"), str(tmp_path / "a")],
+                        str(port), str(script), json.dumps(recipe(step)), str(tmp_path / "w"), str(tmp_path / "a")],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def test_fsdp2_shards_student_fake_score_and_optimiser_over_two_ranks(tmp_path):
+    step = {"pass": "distill", **OBJECTIVES["dmd"], "steps": 3, "batch_size": 2, "checkpoint_every": 2,
+            "parallel": "fsdp"}
+    r = run_fsdp(step, tmp_path, 29533)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("rank")]
     assert len(lines) == 2 and all(ln.endswith("Tensor ok") for ln in lines)
     sizes = json.loads(lines[0].split(" ", 2)[2].rsplit(" ", 2)[0])
@@ -330,13 +336,7 @@ def test_fsdp2_dmd_without_a_gan_head_checkpoints_its_fake_score_optimiser(tmp_p
     dmd = {**OBJECTIVES["dmd"]["dmd"], "gan": 0.0}
     step = {"pass": "distill", **OBJECTIVES["dmd"], "dmd": dmd, "steps": 2, "batch_size": 2, "checkpoint_every": 1,
             "parallel": "fsdp"}
-    script = tmp_path / "fsdp.py"
-    script.write_text(FSDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29534", str(script), json.dumps(recipe(step)), str(tmp_path / "w"), str(tmp_path / "a")],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    r = run_fsdp(step, tmp_path, 29534)
     ckpt = torch.load(tmp_path / "w" / "pass1-distill.pt", weights_only=True)
     assert ckpt["parallel"] and ckpt["step"] == 2 and ckpt["hooks"]["fake_opt"]["state"]
 
