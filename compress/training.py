@@ -338,6 +338,32 @@ def load_full_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         module.load_state_dict(state)
 
 
+def full_optimizer_state(module: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """The state of ``opt`` (stepping ``module``'s parameters) as full tensors: gathered by parameter name when
+    ``module`` is FSDP2-sharded (a collective), ``opt.state_dict()`` otherwise."""
+    if not any(_is_dtensor(p) for p in module.parameters()):
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    # FSDP2 leaves a root module's parameters gathered after a forward with no backward (it expects the
+    # backward next): reshard, so the parameters the optimiser steps are the module's again
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    return get_optimizer_state_dict(module, opt, options=StateDictOptions(full_state_dict=True))
+
+
+def load_full_optimizer_state(module: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of ``full_optimizer_state`` (every rank passes the whole dict)."""
+    if not any(_is_dtensor(p) for p in module.parameters()):
+        opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, opt, state, options=StateDictOptions(full_state_dict=True))
+
+
 class Trainer:
     """Train ``student`` toward the frozen ``teacher``: the loop every training pass shares.
 
@@ -538,12 +564,7 @@ class Trainer:
 
     def _state(self, done: int, cfg_key: str) -> dict:
         """Everything a resume needs, as full (unsharded) tensors."""
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            opt = get_optimizer_state_dict(self.trainee, self.opt, options=StateDictOptions(full_state_dict=True))
-        else:
-            opt = self.opt.state_dict()
+        opt = full_optimizer_state(self.trainee, self.opt)
         ema = None if self.ema is None else {n: (t.full_tensor() if _is_dtensor(t) else t).cpu()
                                              for n, t in self.ema.items()}
         return {"step": done, "student": full_state(self.student),
@@ -570,13 +591,7 @@ class Trainer:
         load_full_state(self.student, state["student"])
         if self.extra is not None:
             load_full_state(self.extra, state["extra"])
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(self.trainee, self.opt, state["opt"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            self.opt.load_state_dict(state["opt"])
+        load_full_optimizer_state(self.trainee, self.opt, state["opt"])
         self.gen.set_state(state["gen"])
         self.shared_gen.set_state(state["shared_gen"])
         if self.ema is not None:

@@ -29,7 +29,8 @@ from compress.distillation.trainer import DistillTrainer, Guidance, check_schedu
 from compress.diffusion.sampling import make_noise
 from compress.models.adapters import get_adapter
 from compress.models.adapters.base import block_hidden
-from compress.training import Trainee, full_state, load_full_state
+from compress.training import (Trainee, full_optimizer_state, full_state, load_full_optimizer_state,
+                               load_full_state)
 
 
 class _Critic(nn.Module):
@@ -74,29 +75,15 @@ class DMDTrainer(DistillTrainer):
         self.pairs = self._regression_pairs() if s.regression else None
 
     def extra_state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
         modules = {"fake": self.fake_adapter.model, **({"critic": self.critic} if self.critic is not None else {})}
-        if self.fsdp:  # FSDP2 keeps a root's parameters gathered after a no-grad forward (the fake score's, when
-            # no GAN loss backpropagates through it): reshard, so the optimiser's parameters are the module's again
-            for m in (self.fake, self.critic):
-                if m is not None:
-                    m.reshard()
-        opt = (get_optimizer_state_dict(self.fake_group, self.fake_opt, options=StateDictOptions(full_state_dict=True))
-               if self.fsdp else self.fake_opt.state_dict())
-        return {**{k: full_state(m) for k, m in modules.items()}, "fake_opt": opt}
+        return {**{k: full_state(m) for k, m in modules.items()},
+                "fake_opt": full_optimizer_state(self.fake_group, self.fake_opt)}
 
     def load_extra_state(self, state: dict) -> None:
         load_full_state(self.fake_adapter.model, state["fake"])
         if self.critic is not None:
             load_full_state(self.critic, state["critic"])
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(self.fake_group, self.fake_opt, state["fake_opt"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            self.fake_opt.load_state_dict(state["fake_opt"])
+        load_full_optimizer_state(self.fake_group, self.fake_opt, state["fake_opt"])
 
     def _regression_pairs(self):
         """(noise, source sample, condition) for DMD's regression loss, from the source's own sampling contract
