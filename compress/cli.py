@@ -195,7 +195,8 @@ def sensitivity(model: str = typer.Argument(..., help="model to analyse ('refere
     console.print(f"wrote {out} (apply it with: dit-compress apply {out} --model {model} --out DIR)")
 
 
-export_app = typer.Typer(help="Export a model or artifact to ONNX (validated against PyTorch) or TensorRT.")
+export_app = typer.Typer(help="Export a model or artifact to ONNX, OpenVINO (both validated against PyTorch) or "
+                                "TensorRT.")
 app.add_typer(export_app, name="export")
 
 
@@ -221,6 +222,35 @@ def export_onnx_cmd(model: str = typer.Argument(..., help="artifact dir or any m
     check_output_path(out, (ONNX_EXPORT,), force)
     export_onnx(load_model(model), out, opset=opset, force=force, tolerance=tolerance, console=console,
                 qdq_activations=qdq_activations, source=_source_id(model))
+
+
+@export_app.command("openvino")
+def export_openvino_cmd(source: str = typer.Argument(..., help="artifact dir or any model source, or an ONNX export "
+                                                                "dir (from 'export onnx')"),
+                        out: Path = typer.Option(..., help="output directory (model.xml, model.bin, export.json)"),
+                        precision: str = typer.Option("f32", help="CPU inference precision hint: f32 | bf16 | f16"),
+                        tolerance: float = typer.Option(None, help="max relative error vs PyTorch (default: 1e-4 "
+                                                                   "f32, 2e-2 fake-quant or f16, 5e-2 bf16)"),
+                        force: bool = typer.Option(False, help="replace an existing OpenVINO export"),
+                        qdq_activations: str = typer.Option("uint8", help="INT8 activations in QDQ when exporting "
+                                                                          "a model: 'uint8' or 'int8'")) -> None:
+    """Convert to OpenVINO IR and validate the compiled CPU model; a failed validation leaves nothing behind."""
+    from compress.io import ONNX_EXPORT, OPENVINO_EXPORT, check_output_path, kind_of
+    from exporters.openvino import check_precision, export_openvino, require_openvino
+
+    require_openvino()
+    check_precision(precision)
+    if tolerance is not None and not 0 < tolerance < 1:
+        raise DitCompressError(f"--tolerance {tolerance}: a relative error between 0 and 1.")
+    check_output_path(out, (OPENVINO_EXPORT,), force)
+    if kind_of(Path(source)) is ONNX_EXPORT:
+        src = Path(source)
+    else:
+        from compress import load_model
+
+        src = load_model(source)
+    export_openvino(src, out, precision=precision, force=force, tolerance=tolerance, console=console,
+                    qdq_activations=qdq_activations, source_id=_source_id(source))
 
 
 @export_app.command("tensorrt")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -99,17 +100,13 @@ def _is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (QuantLinear, WeightOnlyLinear)) for m in model.modules())
 
 
-def validate_onnx(onnx_path: Path, model: nn.Module, *, timesteps=(50.0, 500.0, 950.0), batch: int = 2,
-                  seed: int = 0, tolerance: float | None = None) -> dict:
-    """ONNX Runtime vs PyTorch on seeded inputs; returns the report (``passed`` is the gate)."""
-    import onnxruntime as ort
+def validate_outputs(run: Callable, reference: Callable, contract, *, quantized: bool, tolerance: float | None = None,
+                     timesteps=(50.0, 500.0, 950.0), batch: int = 2, seed: int = 0) -> dict:
+    """``run`` vs ``reference`` (both ``(x, t, cond) -> prediction``) on seeded inputs at several timesteps, for
+    the conditional and the unconditional branch; returns the report (``passed`` is the gate).
 
-    adapter = get_adapter(model)
-    contract = adapter.contract()
-    keys = sorted(c.name for c in contract.conditions)
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    quantized = _is_quantized(model)
+    Every exporter's gate: a non-finite or mis-shaped output fails outright, whatever the tolerance.
+    """
     # fp32: tight; fake-quant models: a rounding that flips at a bin edge moves one value by one step
     tol = tolerance if tolerance is not None else (2e-2 if quantized else 1e-4)
     cases, worst = [], 0.0
@@ -117,13 +114,12 @@ def validate_onnx(onnx_path: Path, model: nn.Module, *, timesteps=(50.0, 500.0, 
         for null in (False, True):
             x, tt, cond = _inputs(contract, batch, t, seed, null)
             with torch.no_grad():
-                ref = adapter.forward(x, tt, cond)
-            feeds = dict(zip(names, [x.numpy(), tt.numpy(), *[cond[k].numpy() for k in keys]]))
-            out = torch.from_numpy(sess.run(None, feeds)[0])
+                ref = reference(x, tt, cond)
+            out = run(x, tt, cond)
             case = {"timestep": t, "branch": "uncond" if null else "cond"}
             if out.shape != ref.shape or not out.numel():
                 finite = False
-                case.update(error=f"output shape {tuple(out.shape)}, PyTorch {tuple(ref.shape)}")
+                case.update(error=f"output shape {tuple(out.shape)}, reference {tuple(ref.shape)}")
             else:
                 finite = bool(torch.isfinite(out).all() and torch.isfinite(ref).all())
             if not finite:  # a max over NaN would drop it: non-finite or empty output fails outright
@@ -137,7 +133,44 @@ def validate_onnx(onnx_path: Path, model: nn.Module, *, timesteps=(50.0, 500.0, 
             cases.append(case)
     passed = worst <= tol and all(c["finite"] for c in cases)
     return {"passed": passed, "tolerance_rel": tol, "max_rel_err": worst if passed or worst != float("inf") else None,
-            "precision": "fake-quant" if quantized else "fp32", "cases": cases, "provider": sess.get_providers()[0]}
+            "precision": "fake-quant" if quantized else "fp32", "cases": cases}
+
+
+def failed_validation(report: dict, what: str, out: Path) -> DitCompressError:
+    """The one-paragraph error for a failed ``validate_outputs`` report."""
+    lines = "; ".join(
+        f"t={c['timestep']:.0f} {c['branch']}: " + (f"max abs {c['max_abs_err']:.3g}, rel {c['max_rel_err']:.3g}"
+                                                    if c["finite"] else c.get("error", "non-finite output"))
+        for c in report["cases"])
+    return DitCompressError(f"{what} failed validation (tolerance {report['tolerance_rel']:.1g} relative, "
+                            f"{report['precision']}): {lines}. Nothing was written to {out}.")
+
+
+def session_call(sess, keys: list[str]) -> Callable:
+    """An ONNX Runtime session of a dit-compress export as ``(x, t, cond) -> prediction``."""
+    names = [i.name for i in sess.get_inputs()]
+
+    def run(x, t, cond):
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        vals = [x.float(), t, *[cond[k] for k in keys]]
+        feeds = {n: v.detach().cpu().contiguous().numpy() for n, v in zip(names, vals)}
+        return torch.from_numpy(sess.run(None, feeds)[0])
+
+    return run
+
+
+def validate_onnx(onnx_path: Path, model: nn.Module, *, timesteps=(50.0, 500.0, 950.0), batch: int = 2,
+                  seed: int = 0, tolerance: float | None = None) -> dict:
+    """ONNX Runtime vs PyTorch on seeded inputs; returns the report (``passed`` is the gate)."""
+    import onnxruntime as ort
+
+    adapter = get_adapter(model)
+    contract = adapter.contract()
+    keys = sorted(c.name for c in contract.conditions)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    report = validate_outputs(session_call(sess, keys), adapter.forward, contract, quantized=_is_quantized(model),
+                              tolerance=tolerance, timesteps=timesteps, batch=batch, seed=seed)
+    return {**report, "provider": sess.get_providers()[0]}
 
 
 def export_onnx(model: nn.Module, out_dir: str | Path, *, opset: int = 20, force: bool = False,
@@ -204,14 +237,7 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, opset: int = 20, force
                                   dynamic_axes={n: {0: "batch"} for n in [*names, "prediction"]})
         report = validate_onnx(path, model, tolerance=tolerance)
         if not report["passed"]:
-            lines = "; ".join(
-                f"t={c['timestep']:.0f} {c['branch']}: " + (f"max abs {c['max_abs_err']:.3g}, rel {c['max_rel_err']:.3g}"
-                                                            if c["finite"] else c.get("error", "non-finite output"))
-                for c in report["cases"])
-            raise DitCompressError(
-                f"ONNX export of {type(model).__name__} failed validation against PyTorch (tolerance "
-                f"{report['tolerance_rel']:.1g} relative, {report['precision']}): {lines}. Nothing was written to "
-                f"{out}.")
+            raise failed_validation(report, f"ONNX export of {type(model).__name__} (ONNX Runtime vs PyTorch)", out)
         segments = None
         if contract.cache is not None:  # the policy's pieces, checked by sampling with it in both runtimes
             import onnxruntime as ort
@@ -282,6 +308,7 @@ class OnnxRunner(Runner):
             raise DitCompressError(f"{d}: model.onnx takes latents {latent} but export.json records "
                                    f"{self.contract.latent_shape}; the files do not belong together. Export again.")
         self.cond_keys = self.meta["inputs"][2:]
+        self._run = session_call(self.session, self.cond_keys)
         self.provider = self.session.get_providers()[0]  # the one actually used (see ENVIRONMENT notes)
         self.segments = None
         if self.meta.get("segments"):  # a segmented export: the runner applies the cache policy
@@ -301,10 +328,7 @@ class OnnxRunner(Runner):
         return self.segments.cached_call(contract, depth)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-        vals = [x.float(), t, *[cond[k] for k in self.cond_keys]]
-        feeds = {n: v.detach().cpu().contiguous().numpy() for n, v in zip(self.names, vals)}
-        return torch.from_numpy(self.session.run(None, feeds)[0])
+        return self._run(x, t, cond)
 
 
 register_runtime("onnxruntime", detect=lambda d: kind_of(d) is ONNX_EXPORT, open=OnnxRunner)
