@@ -371,30 +371,21 @@ def bench(artifacts: list[str] = typer.Argument(None, help="artifact dirs, model
                                f"(NaN/Inf): broken model(s), no quality figures for them (the report in {out} says so).")
 
 
-DEMO_RECIPES = ("int8-weights", "int4-weights-g32", "w8a8-int8", "w4a8-svd")
-
-
 @app.command()
-def demo(out: Path = typer.Option(Path("out/demo"), help="where artifacts and the report go"),
+def demo(out: Path = typer.Option(Path("out/demo"), help="where artifacts, exports and the report go"),
          samples: int = typer.Option(500, help="samples per variant for FD / class accuracy / PSNR"),
-         recipes: str = typer.Option(",".join(DEMO_RECIPES), help="comma-separated recipes to apply")) -> None:
-    """Apply a few bundled recipes to the reference model, benchmark them against it, print the table."""
-    import compress
-    from compress.bench import BenchConfig, Variant, run_bench, variant_from_source
+         recipes: str = typer.Option(None, help="comma-separated recipes instead of the demo's one per axis"),
+         train: bool = typer.Option(False, "--train", help="apply the training recipes here instead of using "
+                                                           "the shipped artifacts they made (tens of minutes each)")
+         ) -> None:
+    """One variant per axis (precision, depth, width, steps, caching) and the composite, each in its best
+    runtime, benchmarked against the reference on the same seeds: table, report.md, Pareto plots."""
+    from compress.demo import run_demo
 
     if out.exists() and not out.is_dir():
         raise DitCompressError(f"--out {out}: is a file; the demo writes a directory.")
-    names = [r.strip() for r in recipes.split(",") if r.strip()]
-    for name in names:
-        compress.load_recipe(name)  # every recipe valid before any work
-    source = compress.load_model("reference")
-    variants = []
-    for name in names:
-        console.print(f"applying [bold]{name}[/] to the reference model")
-        art = compress.save(compress.apply_recipe(source, name, console=console), out / "artifacts" / name, force=True)
-        variants.append(variant_from_source(str(art), name=name))
-    base = Variant(name="reference", runner=variant_from_source("reference").runner)
-    run_bench(base, variants, BenchConfig(samples=samples, repeats=20), out, console=console)
+    names = [r.strip() for r in recipes.split(",") if r.strip()] if recipes else None
+    run_demo(out, samples, names, train, console)
 
 
 @app.command()

@@ -19,6 +19,7 @@ runtime) samples and benchmarks the export without its PyTorch source.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import warnings
 from collections.abc import Callable
@@ -210,6 +211,8 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, opset: int = 20, force
     dyn = tuple({0: batch} for _ in args)
     t0 = time.perf_counter()
     log = []
+    # torch.onnx logs one warning per torchvision op it cannot register; torchvision is never needed here
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with atomic_directory(out, (ONNX_EXPORT,), force=force) as tmp:
         path = tmp / "model.onnx"
         with warnings.catch_warnings():

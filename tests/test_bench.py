@@ -179,3 +179,31 @@ def test_suite_missing_model_names_field(tmp_path):
     with pytest.raises(DitCompressError) as e:
         load_suite(suite)
     assert "variants[0].path" in str(e.value) and "out/w8" in str(e.value)
+
+
+def test_console_table_fits_120_columns_and_shows_the_per_image_speedup(bench):
+    import io
+
+    from rich.console import Console
+
+    from compress.bench.report import print_table
+
+    _, report = bench
+    long = copy.deepcopy(report)
+    long["variants"][1]["name"] = "a-variant-name-far-longer-than-any-column-should-be-allowed-to-grow"
+    buf = io.StringIO()
+    print_table(long, Console(file=buf, width=120, force_terminal=False))
+    lines = buf.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 120
+    assert any("× / image" in line for line in lines) and any("NFE" in line for line in lines)
+    pruned = report["variants"][1]
+    want = report["variants"][0]["speed"]["ms_per_image"] / pruned["speed"]["ms_per_image"]
+    assert f"{want:.3g}x" in buf.getvalue()  # per-image speed-up, baseline ms/image over the variant's
+
+
+def test_pareto_plot_has_a_latency_and_a_size_panel(bench):
+    import matplotlib.image
+
+    out, _ = bench
+    img = matplotlib.image.imread(out / "pareto.png")
+    assert img.shape[1] > 1.8 * img.shape[0]  # two panels side by side

@@ -1,4 +1,4 @@
-"""Writing a benchmark report: JSON, a markdown table, the quality-vs-latency Pareto plot, a rich table."""
+"""Writing a benchmark report: JSON, a markdown table, Pareto plots (quality vs latency and vs size), a rich table."""
 
 from __future__ import annotations
 
@@ -60,18 +60,28 @@ def _si(v: int | None) -> str:
 
 
 COLUMNS = ["Variant", "Recipe", "Steps", "NFE", "FD ↓", "Class acc", "PSNR dB", "SSIM", "ms/call", "p90 ms",
-           "ms/image", "img/s", "Speed-up", "Peak mem MB", "Params", "Size MB", "MACs/call"]
+           "ms/image", "img/s", "Speed-up", "× / image", "Peak mem MB", "Params", "Size MB", "MACs/call"]
+# what the console shows: fits 120 columns; the full table is in report.md
+CONSOLE_COLUMNS = ["Variant", "Runtime", "NFE", "FD ↓", "Class acc", "PSNR dB", "ms/image", "× / image", "Size MB"]
+
+
+def image_speedup(report: dict, v: dict) -> float | None:
+    """Baseline ms per image over the variant's (a few-step student's gain shows here, not per call)."""
+    base, mine = report["variants"][0]["speed"]["ms_per_image"], v["speed"]["ms_per_image"]
+    return base / mine if base and mine else None
 
 
 def table_rows(report: dict) -> list[list[str]]:
     rows = []
     for v in report["variants"]:
+        per_image = image_speedup(report, v)
         q, s = v["quality"], v["speed"]
         rows.append([
             v["name"], v["recipe"] or "–", str(v["steps"]), str(v["nfe"]),
             _fmt(q["fd"], ".4g"), _fmt(q["class_acc"], ".1%"), _fmt(q["psnr_db"], ".2f"), _fmt(q["ssim"], ".4f"),
             _fmt(s["ms_per_call"], ".3g"), _fmt(s["p90_ms_per_call"], ".3g"), _fmt(s["ms_per_image"], ".3g"),
-            _fmt(s["images_per_s"], ".4g"), _fmt(s["speedup"], ".2f", "x"), _fmt(s["peak_mem_mb"], ".0f"),
+            _fmt(s["images_per_s"], ".4g"), _fmt(s["speedup"], ".2f", "x"), _fmt(per_image, ".3g", "x"),
+            _fmt(s["peak_mem_mb"], ".0f"),
             _si(v["params"]), _fmt(v["size_mb"], ".3g"), _si(v["macs_per_call"]),
         ])
     return rows
@@ -106,15 +116,39 @@ def write_markdown(report: dict, path: Path) -> Path:
     return atomic_write_text(path, "\n".join(lines))
 
 
+def short_runtime(description: str | None) -> str:
+    """'PyTorch eager' -> 'torch', 'OpenVINO 2026.4.1 CPU (f32)' -> 'OpenVINO f32', 'ONNX Runtime (X)' -> 'ORT X'."""
+    if not description:
+        return "–"
+    d = description.replace("PyTorch eager", "torch").replace("PyTorch (torch.compile)", "torch.compile")
+    if d.startswith("OpenVINO"):
+        return "OpenVINO " + d.rsplit("(", 1)[-1].rstrip(")") if "(" in d else "OpenVINO"
+    if d.startswith("ONNX Runtime"):
+        return "ORT " + d.split("(", 1)[-1].rstrip(")").replace("ExecutionProvider", "") if "(" in d else "ORT"
+    return d[:20]
+
+
+def console_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for v in report["variants"]:
+        q, s = v["quality"], v["speed"]
+        rows.append([v["name"], short_runtime(v.get("runtime")), str(v["nfe"]), _fmt(q["fd"], ".4g"),
+                     _fmt(q["class_acc"], ".1%"), _fmt(q["psnr_db"], ".2f"), _fmt(s["ms_per_image"], ".3g"),
+                     _fmt(image_speedup(report, v), ".3g", "x"), _fmt(v["size_mb"], ".3g")])
+    return rows
+
+
 def print_table(report: dict, console) -> None:
+    """The headline columns only (fits 120 columns); every column is in report.md."""
     from rich.table import Table
 
     c = report["config"]
-    t = Table(title=f"{c['samples']} samples, {sampling_summary(report)} — {report['machine']['summary']}",
-              caption="speed: median of interleaved timed calls; peak mem: " + report["notes"]["peak_mem_kind"])
-    for i, col in enumerate(COLUMNS):
-        t.add_column(col, justify="left" if i < 2 else "right", no_wrap=i == 0)
-    for i, r in enumerate(table_rows(report)):
+    t = Table(title=f"{c['samples']} samples, {sampling_summary(report)}", caption=(
+        f"{report['machine']['summary'][:110]}\nspeed: median of interleaved timed calls, batch {c['speed_batch']}; "
+        f"every column (per-call times, memory, params, MACs) in report.md"))
+    for i, col in enumerate(CONSOLE_COLUMNS):
+        t.add_column(col, justify="left" if i < 2 else "right", overflow="fold", max_width=28 if i == 0 else None)
+    for i, r in enumerate(console_rows(report)):
         t.add_row(*r, style="bold" if i == 0 else None)
     console.print(t)
 
@@ -133,7 +167,8 @@ def pareto_front(points: list[tuple[float, float]], lower_is_better: bool) -> li
 
 
 def plot_pareto(report: dict, path: Path) -> Path | None:
-    """Quality (FD if every timed variant has it, else PSNR) against ms per image; None if not plottable."""
+    """Two panels: quality against ms per image and against size on disk (FD if every timed variant has it,
+    else PSNR vs the baseline); the Pareto front of each drawn as a staircase. None if not plottable."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -149,34 +184,57 @@ def plot_pareto(report: dict, path: Path) -> Path | None:
         metric, label, lower = "psnr_db", f"PSNR vs {base['name']} samples, dB (higher is better)", False
     else:
         return None
-    pts, names, is_base = [], [], []
+    points = []  # (name, is_base, ms/image, size MB, quality)
     for v in vs:
         y = v["quality"][metric]
         if y is None and metric == "psnr_db" and v is base:
             y = math.inf  # the baseline is its own reference: perfect, drawn as a vertical line
-        if y is None:
-            continue
-        pts.append((v["speed"]["ms_per_image"], y))
-        names.append(v["name"])
-        is_base.append(v is base)
-    if not pts:
+        if y is not None:
+            points.append((v["name"], v is base, v["speed"]["ms_per_image"], v["size_mb"], y))
+    if not points:
         return None
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110)
+    c = report["config"]
+    panels = ((axes[0], 2, "latency, ms per image (median, lower is better)", "Quality vs latency"),
+              (axes[1], 3, "size on disk, MB (lower is better)", "Quality vs size"))
+    legend = None
+    for ax, col, xlabel, title in panels:
+        pts = [(p[col], p[4]) for p in points if p[col] is not None]
+        names = [p[0] for p in points if p[col] is not None]
+        is_base = [p[1] for p in points if p[col] is not None]
+        if not pts:
+            ax.set_axis_off()
+            continue
+        leg = _pareto_panel(ax, pts, names, is_base, lower, xlabel, label if ax is axes[0] else None)
+        ax.set_title(title, fontsize=10)
+        legend = legend or leg
+        fig.canvas.draw()
+        _place_labels(fig, ax, [(names[i], p) for i, p in enumerate(pts) if math.isfinite(p[1])],
+                      avoid=[leg.get_window_extent()] if leg is not None else [])
+    fig.suptitle(f"{c['samples']} samples, {sampling_summary(report)}, batch {c['speed_batch']} — "
+                 f"{report['machine']['summary'][:120]}", fontsize=8)
+    import io
 
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _pareto_panel(ax, pts, names, is_base, lower: bool, xlabel: str, ylabel: str | None):
+    """One panel: points (orange on the front, blue dominated, a star for the baseline) and the front."""
     front = set(pareto_front(pts, lower))
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     finite = [(i, p) for i, p in enumerate(pts) if math.isfinite(p[1])]
     xs_all = [p[0] for p in pts]
     if max(xs_all) / max(min(xs_all), 1e-12) > 8:
         ax.set_xscale("log")
-    # Front as a staircase through the finite non-dominated points.
     fpts = sorted((pts[i] for i in front if math.isfinite(pts[i][1])), key=lambda p: p[0])
-    if len(fpts) >= 2:
+    if len(fpts) >= 2:  # the front as a staircase through the finite non-dominated points
         ax.step([p[0] for p in fpts], [p[1] for p in fpts], where="post", color="tab:orange", lw=1.5,
                 alpha=0.8, label="Pareto front", zorder=1)
     for i, (x, y) in finite:
-        on = i in front
         ax.scatter([x], [y], s=170 if is_base[i] else 55, zorder=3, marker="*" if is_base[i] else "o",
-                   color="tab:orange" if on else "tab:blue", edgecolor="black", linewidth=0.6)
+                   color="tab:orange" if i in front else "tab:blue", edgecolor="black", linewidth=0.6)
     for i, (x, y) in enumerate(pts):
         if not math.isfinite(y):
             ax.axvline(x, color="black", ls="--", lw=1, zorder=2, label=f"{names[i]} (baseline, PSNR reference)")
@@ -190,22 +248,11 @@ def plot_pareto(report: dict, path: Path) -> Path | None:
         pad = (hi - lo) * 0.15 or max(abs(hi) * 0.05, 0.5)
         ax.set_ylim(lo - pad, hi + pad)
     ax.margins(x=0.1)
-    ax.set_xlabel("latency, ms per image (median, lower is better)")
-    ax.set_ylabel(label)
-    c = report["config"]
-    ax.set_title(f"Quality vs latency — {c['samples']} samples, {sampling_summary(report)}, "
-                 f"batch {c['speed_batch']}\n{report['machine']['summary']}", fontsize=9)
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
-    leg = ax.legend(loc="best", fontsize=8, framealpha=0.8)
-    fig.tight_layout()
-    fig.canvas.draw()  # fixes the layout and the legend's position before labels are placed around them
-    _place_labels(fig, ax, [(names[i], p) for i, p in finite], avoid=[leg.get_window_extent()])
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return ax.legend(loc="best", fontsize=7, framealpha=0.8)
 
 
 def _place_labels(fig, ax, labelled: list[tuple[str, tuple[float, float]]], avoid=()) -> None:
