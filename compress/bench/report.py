@@ -116,6 +116,13 @@ def write_markdown(report: dict, path: Path) -> Path:
     return atomic_write_text(path, "\n".join(lines))
 
 
+def short_machine(summary: str) -> str:
+    """The machine summary without its CPU flag list (the full one is in report.md / report.json)."""
+    import re
+
+    return re.sub(r"(\d+ cpu): [^;)]*", r"\1", summary)
+
+
 def short_runtime(description: str | None) -> str:
     """'PyTorch eager' -> 'torch', 'OpenVINO 2026.4.1 CPU (f32)' -> 'OpenVINO f32', 'ONNX Runtime (X)' -> 'ORT X'."""
     if not description:
@@ -144,7 +151,7 @@ def print_table(report: dict, console) -> None:
 
     c = report["config"]
     t = Table(title=f"{c['samples']} samples, {sampling_summary(report)}", caption=(
-        f"{report['machine']['summary'][:110]}\nspeed: median of interleaved timed calls, batch {c['speed_batch']}; "
+        f"{short_machine(report['machine']['summary'])}\nspeed: median of interleaved timed calls, batch {c['speed_batch']}; "
         f"every column (per-call times, memory, params, MACs) in report.md"))
     for i, col in enumerate(CONSOLE_COLUMNS):
         t.add_column(col, justify="left" if i < 2 else "right", overflow="fold", max_width=28 if i == 0 else None)
@@ -212,7 +219,7 @@ def plot_pareto(report: dict, path: Path) -> Path | None:
         _place_labels(fig, ax, [(names[i], p) for i, p in enumerate(pts) if math.isfinite(p[1])],
                       avoid=[leg.get_window_extent()] if leg is not None else [])
     fig.suptitle(f"{c['samples']} samples, {sampling_summary(report)}, batch {c['speed_batch']} — "
-                 f"{report['machine']['summary'][:120]}", fontsize=8)
+                 f"{short_machine(report['machine']['summary'])}", fontsize=8)
     import io
 
     buf = io.BytesIO()
