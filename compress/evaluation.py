@@ -35,9 +35,11 @@ def generate(denoiser: nn.Module | Denoiser, n: int, *, contract: SamplingContra
     """``n`` samples from seeded noise, sampled as ``contract`` (default: the denoiser's own) says.
 
     Class models get balanced labels, text models seeded embeddings: the same for every variant of a model.
-    ``shard``: only these indices of the ``n`` (images and labels), each exactly as in the whole set. Why
-    the full noise and conditions are still drawn: one generator draws them for all ``n`` at once, and a
-    draw of fewer values is not a prefix of it; drawing all and slicing costs little beside sampling.
+    ``shard``: only this contiguous range of the ``n`` indices (images and labels), each from the noise,
+    conditions and step noise it gets in the whole set. Why the full noise and conditions are still drawn:
+    one generator draws them for all ``n`` at once, and a draw of fewer values is not a prefix of it;
+    drawing all and slicing costs little beside sampling. A smaller batch may still round differently in a
+    runtime's kernels (matmul blocking): bit-identical for the bundled reference on CPU, ~1e-6 otherwise.
     """
     import time
 
@@ -91,7 +93,8 @@ def generate_across_ranks(denoiser: nn.Module | Denoiser, n: int, *, contract: S
                           seed: int = 0, batch_size: int = SAMPLE_BATCH,
                           progress: Callable[[int], None] | None = None) -> SampleSet:
     """``generate`` with the ``n`` samples split over the torch.distributed ranks; returns, on every rank, the
-    set one process would (same images, in index order; ``seconds``: the slowest rank's).
+    set one process would (same images in index order, up to ``generate(shard=...)``'s batch rounding;
+    ``seconds``: the slowest rank's).
 
     Each rank samples its contiguous ``shard_rows`` with ``generate(shard=...)``; the shards are exchanged
     with ``all_gather_object`` (CPU tensors), so every rank can take the same decisions afterwards (a

@@ -162,6 +162,8 @@ def sample_batched(
     """
     n = noise.shape[0]
     rows = range(n) if rows is None else rows
+    if rows.step != 1:
+        raise ValueError(f"rows must be a contiguous range, not {rows}")
     outs, calls, nfe = [], 0, 0
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
