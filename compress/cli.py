@@ -291,13 +291,15 @@ def export_tensorrt_cmd(source: str = typer.Argument(..., help="an ONNX export d
     console.print(f"wrote {d / 'model.engine'}")
 
 
-def _init_distributed() -> int:
+def _init_distributed(timeout_s: float | None = None) -> int:
     """Under torchrun (WORLD_SIZE > 1) join the process group once; returns this process's rank.
 
     Training passes then wrap the student in DDP and shard their data by rank; on GPUs each rank uses
-    the device of its LOCAL_RANK.
+    the device of its LOCAL_RANK. ``timeout_s``: how long a collective may wait (default: torch's), for
+    commands whose ranks wait on purpose while rank 0 alone works (``bench`` times on rank 0).
     """
     import os
+    from datetime import timedelta
 
     import torch
     import torch.distributed as dist
@@ -307,8 +309,15 @@ def _init_distributed() -> int:
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s is not None else {}
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", **kwargs)
     return dist.get_rank()
+
+
+# How long the other ranks of a torchrun `bench` may wait for rank 0's timing and report (torch's default,
+# 10 min for NCCL and 30 for gloo, is shorter than the timing of a large model); a crashed rank still ends
+# the run at once (torchrun stops the others).
+BENCH_WAIT_S = 12 * 3600.0
 
 
 def _source_id(model: str) -> str:
@@ -344,15 +353,23 @@ def bench(artifacts: list[str] = typer.Argument(None, help="artifact dirs, model
           cfg: float = typer.Option(None, help="guidance scale for every variant (default: each one's contract)"),
           repeats: int = typer.Option(20, help="timed repeats per variant (interleaved)"),
           speed_batch: int = typer.Option(8, help="batch for latency timing")) -> None:
-    """Compare variants against their source on identical seeds: quality, speed, size; report + Pareto plot."""
+    """Compare variants against their source on identical seeds: quality, speed, size; report + Pareto plot.
+
+    Under torchrun every rank samples a share of the quality samples (the report is the one-process one);
+    rank 0 times, prints and writes, the other ranks print nothing (their errors too: rank 0 reports).
+    """
     from pydantic import ValidationError
 
     from compress.bench import BenchConfig, load_suite, run_bench, variant_from_source
     from compress.yamlio import describe_errors
 
-    if out.exists() and not out.is_dir():
+    rank = _init_distributed(BENCH_WAIT_S)
+    if rank != 0:
+        console.quiet = True
+    elif out.exists() and not out.is_dir():
         raise DitCompressError(f"--out {out}: is a file; the report goes into a directory.")
-    _check_file_output(out / "report.json")
+    else:
+        _check_file_output(out / "report.json")
     if suite is not None:
         base, variants, config = load_suite(suite)
     else:

@@ -5,6 +5,10 @@ import os
 # (matmul reduction order depends on it on some CPUs).
 os.environ["OMP_NUM_THREADS"] = "1"
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -32,3 +36,17 @@ def randomized_dit(config: DiTConfig = TINY_NATIVE, seed: int = 0) -> DiT:
 @pytest.fixture
 def tiny_native() -> DiT:
     return randomized_dit()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_torchrun(args: list[str], port: int, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node nproc --master_port port ARGS`` (a script path, or ``-m module``) on CPU,
+    which makes gloo ranks; must succeed. One torch thread per rank and this checkout first on the path, so
+    the ranks run the code under test; each test passes its own port (tests run in parallel workers)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                        "--master_port", str(port), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r

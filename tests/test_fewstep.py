@@ -19,7 +19,7 @@ from compress import DitCompressError
 from compress.evaluation import generate
 from compress.models.adapters import get_adapter
 from compress.nn.guidance import GUIDANCE_INPUT, GuidanceEmbedding
-from tests.conftest import randomized_dit
+from tests.conftest import randomized_dit, run_torchrun
 from tests.tiny_models import tiny_diffusers_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -306,12 +306,7 @@ def run_fsdp(step: dict, tmp_path: Path, port: int) -> subprocess.CompletedProce
     """``FSDP_SCRIPT`` on two gloo ranks with a one-pass recipe (work dir ``w``, artifact ``a``); must succeed."""
     script = tmp_path / "fsdp.py"
     script.write_text(FSDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(port), str(script), json.dumps(recipe(step)), str(tmp_path / "w"), str(tmp_path / "a")],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r
+    return run_torchrun([str(script), json.dumps(recipe(step)), str(tmp_path / "w"), str(tmp_path / "a")], port)
 
 
 def test_fsdp2_shards_student_fake_score_and_optimiser_over_two_ranks(tmp_path):

@@ -10,6 +10,10 @@ and balanced labels. FD and class accuracy come from the bundled digits evaluato
 the reference family; PSNR / SSIM compare each variant's samples with the baseline's. Speed: one
 transformer call at a fixed batch, timed interleaved across variants (``compress.bench.speed``).
 Outputs in ``out_dir``: ``report.json``, ``report.md``, ``pareto.png`` and ``grid_<name>.png`` per variant.
+
+Under torchrun (a torch.distributed process group of N > 1 ranks) the quality samples of every variant are
+split over the ranks by index and gathered (``compress.evaluation.generate_across_ranks``): the report is the
+one a single process writes. Speed is timed on rank 0 alone, and only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -156,12 +160,23 @@ def run_bench(baseline: Variant, variants: list[Variant], config: BenchConfig, o
     ``extra`` is stored at the top level of the report (a script's command line, its calibration
     settings...). Every file in ``out_dir`` is written atomically. Metrics that do not apply or were not
     run are None; a variant whose samples are not finite gets no quality figures and a note.
+
+    In a torch.distributed group of N > 1 ranks every rank must call this with the same arguments: each
+    samples its share of every variant, rank 0 scores, times (the others wait, so they neither load the
+    machine nor the GPUs being timed) and writes; every rank returns rank 0's report.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from compress.evaluation import generate
+    from compress.evaluation import generate_across_ranks, rank_rows, world
     from compress.viz import save_grid
 
+    rank, size = world()
+    if size > 1 and config.quality and config.samples < size:
+        raise DitCompressError(f"benchmark: {config.samples} quality sample(s) cannot be split over {size} ranks "
+                               f"(each rank samples at least one); ask for at least {size} samples or start fewer "
+                               f"ranks.")
+    if rank != 0:  # rank 0 speaks for the group
+        console = None
     out_dir = Path(out_dir)
     allv = [baseline, *variants]
     names = [v.name for v in allv]
@@ -180,7 +195,8 @@ def run_bench(baseline: Variant, variants: list[Variant], config: BenchConfig, o
             raise DitCompressError(f"benchmark: variant '{v.name}' takes latents {c.latent_shape} and conditions "
                                    f"{inputs(c)}, its baseline '{baseline.name}' {base_c.latent_shape} and "
                                    f"{inputs(base_c)}; compare variants of the same source model.")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
     nfe = {v.name: contracts[v.name].nfe for v in allv}
     quality: dict[str, dict] = {v.name: {"fd": None, "class_acc": None, "psnr_db": None, "ssim": None,
                                          "fd_to_source": None, "finite": True} for v in allv}
@@ -193,26 +209,31 @@ def run_bench(baseline: Variant, variants: list[Variant], config: BenchConfig, o
     if config.quality:
         base_images = None
         with Progress(*columns, console=console, transient=True, disable=console is None) as bar:
+            # this rank's share of each variant (the bar counts what this process samples)
             tasks = {v.name: bar.add_task(f"sampling {v.name} ({contracts[v.name].steps} steps)",
-                                          total=config.samples) for v in allv}
+                                          total=len(rank_rows(config.samples, contracts[v.name]))) for v in allv}
             for v in allv:
                 task = tasks[v.name]
                 c = contracts[v.name]
-                s = generate(v.runner, config.samples, contract=c, seed=config.seed,
-                             progress=lambda k, task=task: bar.advance(task, k))
+                s = generate_across_ranks(v.runner, config.samples, contract=c, seed=config.seed,
+                                          progress=lambda k, task=task: bar.advance(task, k))
                 nfe[v.name] = s.nfe
+                if v is baseline and not torch.isfinite(s.images).all():  # every rank holds all samples: all fail
+                    raise DitCompressError(f"benchmark: the baseline '{v.name}' produced non-finite samples "
+                                           f"(NaN/Inf); nothing can be compared against it.")
+                if rank != 0:
+                    continue
                 quality[v.name] = _quality_of(c, s, base_images if v is not baseline else None)
                 if v is baseline:
                     base_images = s.images.detach().float().cpu()
-                    if not quality[v.name]["finite"]:
-                        raise DitCompressError(f"benchmark: the baseline '{v.name}' produced non-finite samples "
-                                               f"(NaN/Inf); nothing can be compared against it.")
                 if config.grid and len(c.latent_shape) == 3 and quality[v.name]["finite"]:
                     fname = f"grid_{safe_name(v.name)}.png"
                     save_grid(s.images[:100].detach().cpu(), out_dir / fname, nrow=10)
                     grids[v.name] = fname
                 del s
 
+    if rank != 0:  # wait for rank 0's timing and files; return its report
+        return _report_from_rank0(None)
     macs: dict[str, int | None] = {v.name: None for v in allv}
     timing = config.timing
     if timing == "auto":
@@ -279,8 +300,14 @@ def run_bench(baseline: Variant, variants: list[Variant], config: BenchConfig, o
             "non_finite": [v.name for v in allv if not quality[v.name]["finite"]],
         },
         "files": {"report_json": "report.json", "report_md": "report.md", "pareto": None, "grids": grids},
+        "world_size": size,
         **(extra or {}),
     }
+    report["notes"]["distributed"] = (
+        f"quality samples split over {size} torch.distributed ranks by index (contiguous shares, the same "
+        f"seeds, labels and noise as one process: the same samples up to the float rounding a runtime's kernels "
+        f"may give a smaller batch) and gathered on rank 0, which computed every metric; speed was timed on rank "
+        f"0 alone while the other ranks waited." if size > 1 else None)
     if rep.plot_pareto(report, out_dir / "pareto.png") is not None:
         report["files"]["pareto"] = "pareto.png"
     rep.write_json(report, out_dir / "report.json")
@@ -293,4 +320,14 @@ def run_bench(baseline: Variant, variants: list[Variant], config: BenchConfig, o
         console.print(f"wrote {out_dir / 'report.json'}, report.md"
                       + (", pareto.png" if report["files"]["pareto"] else "")
                       + (f" and {len(grids)} sample grids" if grids else ""))
-    return report
+    return _report_from_rank0(report) if size > 1 else report
+
+
+def _report_from_rank0(report: dict | None) -> dict:
+    """Rank 0's ``report``, on every rank: the other ranks block here while rank 0 times and writes (a
+    broadcast, not a barrier, so they also return what was written)."""
+    import torch.distributed as dist
+
+    box = [report]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -111,6 +111,9 @@ def write_markdown(report: dict, path: Path) -> Path:
         report["notes"]["speed"] + " " + report["notes"]["peak_mem"],
         "",
     ]
+    note = report["notes"].get("distributed")
+    if note:
+        lines += [note[:1].upper() + note[1:], ""]
     if report.get("pareto"):
         lines += [f"![Pareto]({report['pareto']})", ""]
     return atomic_write_text(path, "\n".join(lines))

@@ -8,7 +8,9 @@ contract (``contract.with_overrides(steps=...)``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -59,6 +61,36 @@ def resolve(denoiser: nn.Module | ModelAdapter | Denoiser) -> tuple[Callable, Sa
     return denoiser, denoiser.contract
 
 
+@contextlib.contextmanager
+def step_noise_rows(sched, offset: int, full: int) -> Iterator[None]:
+    """While active, ``sched.step`` draws its fresh noise for a batch of ``full`` rows and keeps rows
+    ``offset:offset + n`` (``n``: the batch it is given).
+
+    Why: a stochastic scheduler draws ``randn(batch shape)`` from the run's generator at every step, so the
+    noise a row gets depends on the batch it is sampled in. Sampling rows ``[offset, offset + n)`` of a batch
+    under this context gives them exactly the noise they get in the whole batch (how a shard of the samples
+    on one rank reproduces a one-process run). diffusers' stochastic schedulers draw through the
+    ``randn_tensor`` their module imports; it is swapped for the duration only (sampling is single-threaded).
+    """
+    module = sys.modules[type(sched).step.__module__]
+    draw = getattr(module, "randn_tensor", None)
+    if draw is None:
+        from compress.errors import DitCompressError
+
+        raise DitCompressError(f"{type(sched).__name__} (module {module.__name__}) does not draw its step noise "
+                               f"through diffusers' randn_tensor in this diffusers version, so a part of a batch "
+                               f"cannot be sampled with the whole batch's noise; sample in one process.")
+
+    def rows_of_whole(shape, *args, **kwargs) -> torch.Tensor:
+        return draw((full, *shape[1:]), *args, **kwargs)[offset:offset + shape[0]]
+
+    module.randn_tensor = rows_of_whole
+    try:
+        yield
+    finally:
+        module.randn_tensor = draw
+
+
 @torch.no_grad()
 def sample(
     denoiser: nn.Module | ModelAdapter | Denoiser,
@@ -68,11 +100,14 @@ def sample(
     contract: SamplingContract | None = None,
     seed: int = 0,
     on_step: Callable[[int, torch.Tensor, torch.Tensor, Cond], None] | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> SampleResult:
     """Run the reverse process from ``noise`` as ``contract`` (default: the denoiser's own) says.
 
     ``on_step(i, x, t, cond)`` sees each transformer input, which is how calibration data is gathered
-    along a model's own trajectory.
+    along a model's own trajectory. ``rows=(offset, full)``: this batch is rows ``offset:offset + n`` of a
+    batch of ``full``; a stochastic sampler then gives them the step noise they get in that whole batch
+    (``step_noise_rows``), so a batch can be split across processes without changing a sample.
     """
     call, own = resolve(denoiser)
     c = contract or own
@@ -101,7 +136,9 @@ def sample(
         kwargs = {"generator": gen} if c.sampler in STOCHASTIC else {}
         if c.sampler == "tcd":
             kwargs["eta"] = c.eta
-        x = sched.step(out, t, x, **kwargs).prev_sample
+        with (step_noise_rows(sched, *rows) if rows is not None and c.sampler in STOCHASTIC
+              else contextlib.nullcontext()):
+            x = sched.step(out, t, x, **kwargs).prev_sample
     return SampleResult(samples=x, nfe=c.nfe, calls=calls, cache=getattr(call, "stats", None))
 
 
@@ -112,15 +149,31 @@ def sample_batched(
     *,
     batch_size: int = 256,
     progress: Callable[[int], None] | None = None,
+    rows: range | None = None,
     **kwargs,
 ) -> SampleResult:
-    """``sample`` in chunks of ``batch_size`` (same result as one big batch: noise is fixed up front)."""
+    """``sample`` in chunks of ``batch_size`` (noise is fixed up front); only ``rows`` (default: all) of
+    ``noise`` / ``cond`` when given, sampled exactly as in the run over all of them.
+
+    Why ``rows`` and not a sliced ``noise``: chunks are cut at the same indices as in the whole run (a
+    stochastic sampler restarts its generator per chunk, a batch-wide step-cache decision is taken per
+    chunk), and a chunk that ``rows`` cuts short draws its step noise for the whole chunk
+    (``sample(rows=...)``). The result holds ``len(rows)`` samples (an empty range gives none).
+    """
+    n = noise.shape[0]
+    rows = range(n) if rows is None else rows
+    if rows.step != 1:
+        raise ValueError(f"rows must be a contiguous range, not {rows}")
     outs, calls, nfe = [], 0, 0
-    for start in range(0, noise.shape[0], batch_size):
-        sl = slice(start, start + batch_size)
-        r = sample(denoiser, slice_cond(cond, sl), noise[sl], **kwargs)
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        a, b = max(start, rows.start), min(stop, rows.stop)
+        if a >= b:
+            continue
+        part = None if (a, b) == (start, stop) else (a - start, stop - start)
+        r = sample(denoiser, slice_cond(cond, slice(a, b)), noise[a:b], rows=part, **kwargs)
         outs.append(r.samples)
         calls, nfe = calls + r.calls, r.nfe
         if progress:
-            progress(min(batch_size, noise.shape[0] - start))
-    return SampleResult(torch.cat(outs), nfe, calls)
+            progress(b - a)
+    return SampleResult(torch.cat(outs) if outs else noise[:0].clone(), nfe, calls)
