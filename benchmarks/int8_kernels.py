@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import compress
+from benchmarks.export_large import randomize_weights
 from compress.bench.speed import SpeedEntry, speed_inputs, time_interleaved
 from compress.calibration import CalibrationConfig
 from compress.io import atomic_write_text
@@ -53,11 +54,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     model = compress.load_model(a.model).eval()
     if a.model != "reference":
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for n, prm in model.named_parameters():
-                if n != "pos_embed":
-                    prm.copy_(torch.randn(prm.shape, generator=g) * 0.02)
+        randomize_weights(model)
     cal = CalibrationConfig() if a.model == "reference" else CalibrationConfig(samples=4, steps=8, batch_size=4)
     ctx = PassContext.for_model(model, cal, show_progress=False)
     contract = get_adapter(model).contract()
