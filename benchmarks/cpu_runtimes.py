@@ -66,7 +66,7 @@ def nncf_openvino(fp32_ov: Path, rows, threads: int, batch: int):
     model = core.read_model(str(fp32_ov / "model.xml"))
     keys = ["latent", "timestep", "y"]
     data = [dict(zip(keys, [x.numpy(), t.float().numpy(), c["y"].numpy()])) for x, t, c in rows.batches(batch)]
-    q = nncf.quantize(model, nncf.Dataset(data), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(data) * batch)
+    q = nncf.quantize(model, nncf.Dataset(data), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(data))
     compiled = core.compile_model(q, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
     return compiled_call(compiled, [i.get_any_name() for i in compiled.inputs], ["y"])
 
