@@ -1,4 +1,5 @@
-"""What a run of passes has, whatever the passes do: device, seed, a log, progress bars, a work directory.
+"""What a run of passes has, whatever the passes do: device, seed, a log, progress bars, a work directory,
+its place in a process group.
 
 The calibration source (whose trajectories calibration and training record) is separate:
 ``compress.calibration.CalibrationSource``. A pass receives both in a ``compress.passes.PassContext``.
@@ -13,6 +14,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from compress.io import WorkDir
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process in the torch.distributed group, (0, 1) when there is none: how training
+    passes shard their data and how ``bench`` shards its samples under torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 @dataclass

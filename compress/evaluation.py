@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compress.context import world
 from compress.diffusion.sampling import Denoiser, make_noise, resolve, sample_batched
 from compress.models.contract import SamplingContract
 
@@ -72,15 +73,6 @@ def shard_rows(n: int, rank: int, world: int, unit: int = 1) -> range:
     u0 = rank * base + min(rank, extra)
     u1 = u0 + base + (rank < extra)
     return range(min(u0 * unit, n), min(u1 * unit, n))
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the torch.distributed process group, (0, 1) when there is none."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def rank_rows(n: int, contract: SamplingContract, batch_size: int = SAMPLE_BATCH) -> range:

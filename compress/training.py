@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from compress.calibration import CalibrationConfig, CalibrationSource
-from compress.context import RunContext
+from compress.context import RunContext, world
 from compress.diffusion.sampling import cat_cond, slice_cond
 from compress.diffusion.schedules import training_scheduler
 from compress.errors import DitCompressError
@@ -105,12 +105,6 @@ class TrainingConfig(BaseModel):
         "ddp", description="Under torchrun: 'ddp' replicates the student on every rank; 'fsdp' shards the student, "
                            "any auxiliary network (DMD's fake score) and the optimiser state across ranks "
                            "(torch FSDP2 fully_shard), for students that do not fit one device.")
-
-
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def block_origins(student: nn.Module, teacher: nn.Module) -> dict[str, list[int]]:
@@ -381,7 +375,7 @@ class Trainer:
         self.student, self.teacher, self.cfg, self.run_ctx, self.source, self.tag = (
             student, teacher, cfg, run, source, tag)
         self.file = file or tag
-        self.rank, self.world = _dist()
+        self.rank, self.world = world()
         self.device = run.device
         self.teacher_adapter = get_adapter(teacher)
         self.fsdp = self.world > 1 and cfg.parallel == "fsdp"

@@ -167,7 +167,8 @@ def run_bench(baseline: Variant, variants: list[Variant], config: BenchConfig, o
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from compress.evaluation import generate_across_ranks, rank_rows, world
+    from compress.context import world
+    from compress.evaluation import generate_across_ranks, rank_rows
     from compress.viz import save_grid
 
     rank, size = world()
