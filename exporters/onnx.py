@@ -33,7 +33,7 @@ from compress.io import ONNX_EXPORT, atomic_directory, kind_of, write_marker
 from compress.models.adapters import get_adapter
 from compress.models.size import param_count
 from exporters.qdq import lower_for_export, qdq_translations
-from exporters.runtime import Runner, contract_of, export_meta, register_runtime
+from exporters.runtime import Runner, contract_of, export_meta, graph_inputs, numpy_feeds, register_runtime
 from exporters.segments import OrtSegments, check_segments, export_segments, refuse_policy
 
 MAX_CONDS = 4
@@ -152,10 +152,7 @@ def session_call(sess, keys: list[str]) -> Callable:
     names = [i.name for i in sess.get_inputs()]
 
     def run(x, t, cond):
-        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-        vals = [x.float(), t, *[cond[k] for k in keys]]
-        feeds = {n: v.detach().cpu().contiguous().numpy() for n, v in zip(names, vals)}
-        return torch.from_numpy(sess.run(None, feeds)[0])
+        return torch.from_numpy(sess.run(None, numpy_feeds(names, graph_inputs(x, t, cond, keys)))[0])
 
     return run
 

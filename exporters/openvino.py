@@ -27,7 +27,7 @@ from torch import nn
 
 from compress.errors import DitCompressError
 from compress.io import ONNX_EXPORT, OPENVINO_EXPORT, atomic_directory, check_output_path, kind_of, write_marker
-from exporters.runtime import Runner, contract_of, export_meta, register_runtime
+from exporters.runtime import Runner, contract_of, export_meta, graph_inputs, numpy_feeds, register_runtime
 
 # inference precision hint -> default validation tolerance (relative to the output's max magnitude)
 PRECISIONS = {"f32": 1e-4, "bf16": 5e-2, "f16": 1e-2}
@@ -78,9 +78,7 @@ def compiled_call(compiled, input_names: list[str], cond_keys: list[str]):
     output = compiled.output(0)
 
     def run(x, t, cond):
-        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-        vals = [x.float(), t, *[cond[k] for k in cond_keys]]
-        feeds = {n: v.detach().cpu().contiguous().numpy() for n, v in zip(input_names, vals)}
+        feeds = numpy_feeds(input_names, graph_inputs(x, t, cond, cond_keys))
         return torch.from_numpy(request.infer(feeds)[output].copy())
 
     return run

@@ -39,6 +39,18 @@ class Runner:
         raise NotImplementedError
 
 
+def graph_inputs(x: torch.Tensor, t, cond: Cond, keys: list[str]) -> list[torch.Tensor]:
+    """The positional inputs of an exported denoiser graph: the latent (float32), one float32 timestep per
+    row (a scalar ``t`` is broadcast) and the condition tensors in ``keys`` order."""
+    t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+    return [x.float(), t, *[cond[k] for k in keys]]
+
+
+def numpy_feeds(names, values, wanted=None) -> dict:
+    """``{name: contiguous CPU numpy array}`` for a session's inputs (only the ``wanted`` names, if given)."""
+    return {n: v.detach().cpu().contiguous().numpy() for n, v in zip(names, values) if wanted is None or n in wanted}
+
+
 @dataclass(frozen=True)
 class RuntimeSpec:
     name: str

@@ -19,6 +19,7 @@ from torch import nn
 from compress.cache import SegmentedStepCache, needs_probe_input, segment_bounds, segment_modules
 from compress.errors import DitCompressError
 from compress.models.contract import SamplingContract
+from exporters.runtime import graph_inputs, numpy_feeds
 
 MAX_INPUTS = 8
 
@@ -96,10 +97,8 @@ class OrtSegments:
         wanted = {i.name for i in sess.get_inputs()}
 
         def run(x, t, cond, state):
-            t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-            vals = [x.float(), t, *[cond[k] for k in self.keys], *_state_inputs(state)]
-            feeds = {n: v.detach().cpu().contiguous().numpy() for n, v in zip(d["inputs"], vals) if n in wanted}
-            outs = [torch.from_numpy(o) for o in sess.run(None, feeds)]
+            vals = [*graph_inputs(x, t, cond, self.keys), *_state_inputs(state)]
+            outs = [torch.from_numpy(o) for o in sess.run(None, numpy_feeds(d["inputs"], vals, wanted))]
             if d["outputs"] == ["prediction"]:
                 return outs[0]
             return (outs[0], outs[1] if len(outs) > 1 else None)

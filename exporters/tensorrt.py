@@ -23,7 +23,7 @@ from pathlib import Path
 from compress.errors import DitCompressError
 from compress.io import ONNX_EXPORT, TRT_ENGINE, atomic_directory, atomic_write_bytes, kind_of, write_marker
 from compress.models.provenance import file_sha256
-from exporters.runtime import Runner, contract_of, export_meta, register_runtime
+from exporters.runtime import Runner, contract_of, export_meta, graph_inputs, register_runtime
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 _ONNX_INT8 = {2, 3}  # TensorProto UINT8, INT8
@@ -267,8 +267,7 @@ class TensorRTRunner(Runner):
 
     def __call__(self, x, t, cond):
         torch = self.torch
-        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-        feeds = dict(zip(self.meta["inputs"], [x.float(), t, *[cond[k] for k in self.cond_keys]]))
+        feeds = dict(zip(self.meta["inputs"], graph_inputs(x, t, cond, self.cond_keys)))
         keep = []
         for name, v in feeds.items():
             v = v.cuda().contiguous()
