@@ -97,7 +97,7 @@ def run_demo(out: Path, samples: int, recipes: list[str] | None, train: bool, co
         art = out / "artifacts" / d.recipe
         if shipped is not None:
             console.print(f"[bold]{d.recipe}[/] ({d.axis or 'recipe'}): the shipped artifact made by the bundled "
-                          f"recipe ({'dit-compress apply ' + d.recipe} retrains it; --train does it here)")
+                          f"recipe (dit-compress apply {d.recipe} retrains it; --train does it here)")
             model, art = compress.load(shipped), shipped
         else:
             console.print(f"applying [bold]{d.recipe}[/] to the reference model"

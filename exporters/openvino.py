@@ -101,24 +101,23 @@ def export_openvino(source: nn.Module | str | Path, out_dir: str | Path, *, prec
     out = Path(out_dir)
     check_output_path(out, (OPENVINO_EXPORT,), force)
     t0 = time.perf_counter()
-    if isinstance(source, nn.Module):
-        from compress.models.adapters import get_adapter
-
-        _refuse_cache_policy(get_adapter(source).contract().model_dump(mode="json"))
     with tempfile.TemporaryDirectory(prefix="dit-compress-ov-") as scratch:
         if isinstance(source, nn.Module):
+            from compress.models.adapters import get_adapter
+
+            _refuse_cache_policy(get_adapter(source).contract().model_dump(mode="json"))  # before any export work
             onnx_dir = export_onnx(source, Path(scratch) / "onnx", qdq_activations=qdq_activations, source=source_id)
+            meta_in = export_meta(onnx_dir, ONNX_EXPORT.marker)
             reference, against = get_adapter(source.eval()).forward, "PyTorch"
         else:
             onnx_dir = Path(source)
             if kind_of(onnx_dir) is not ONNX_EXPORT:
                 raise DitCompressError(f"{onnx_dir}: not a dit-compress ONNX export (no export.json); export a "
                                        f"model or run 'dit-compress export onnx' first.")
-            reference, against = None, "ONNX Runtime on the export (validated against PyTorch when written)"
-        meta_in = export_meta(onnx_dir, ONNX_EXPORT.marker)
-        _refuse_cache_policy(meta_in.get("sampling") or {})
-        if reference is None:
+            meta_in = export_meta(onnx_dir, ONNX_EXPORT.marker)
+            _refuse_cache_policy(meta_in.get("sampling") or {})
             reference = OnnxRunner(onnx_dir)
+            against = "ONNX Runtime on the export (validated against PyTorch when written)"
         contract = contract_of(meta_in, onnx_dir / ONNX_EXPORT.marker)
         quantized = (meta_in.get("validation") or {}).get("precision") == "fake-quant"
         tol = tolerance if tolerance is not None else max(PRECISIONS[precision],

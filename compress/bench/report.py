@@ -154,7 +154,8 @@ def print_table(report: dict, console) -> None:
 
     c = report["config"]
     t = Table(title=f"{c['samples']} samples, {sampling_summary(report)}", caption=(
-        f"{short_machine(report['machine']['summary'])}\nspeed: median of interleaved timed calls, batch {c['speed_batch']}; "
+        f"{short_machine(report['machine']['summary'])}\n"
+        f"speed: median of interleaved timed calls, batch {c['speed_batch']}; "
         f"every column (per-call times, memory, params, MACs) in report.md"))
     for i, col in enumerate(CONSOLE_COLUMNS):
         t.add_column(col, justify="left" if i < 2 else "right", overflow="fold", max_width=28 if i == 0 else None)
@@ -207,7 +208,6 @@ def plot_pareto(report: dict, path: Path) -> Path | None:
     c = report["config"]
     panels = ((axes[0], 2, "latency, ms per image (median, lower is better)", "Quality vs latency"),
               (axes[1], 3, "size on disk, MB (lower is better)", "Quality vs size"))
-    legend = None
     for ax, col, xlabel, title in panels:
         pts = [(p[col], p[4]) for p in points if p[col] is not None]
         names = [p[0] for p in points if p[col] is not None]
@@ -217,7 +217,6 @@ def plot_pareto(report: dict, path: Path) -> Path | None:
             continue
         leg = _pareto_panel(ax, pts, names, is_base, lower, xlabel, label if ax is axes[0] else None)
         ax.set_title(title, fontsize=10)
-        legend = legend or leg
         fig.canvas.draw()
         _place_labels(fig, ax, [(names[i], p) for i, p in enumerate(pts) if math.isfinite(p[1])],
                       avoid=[leg.get_window_extent()] if leg is not None else [])
