@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import compress
-from benchmarks.export_large import randomize_weights
+from benchmarks.export_large import speed_model
 from compress.bench.speed import SpeedEntry, speed_inputs, time_interleaved
 from compress.calibration import CalibrationConfig
 from compress.io import atomic_write_text
@@ -82,9 +82,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     work = Path(tempfile.mkdtemp(prefix="cpu-runtimes-"))
-    model = compress.load_model(a.model).eval()
-    if a.model != "reference":
-        randomize_weights(model)
+    model = speed_model(a.model)
     cal = CalibrationConfig(samples=a.calib_samples, steps=8, batch_size=4)
     ctx = PassContext.for_model(model, cal, show_progress=False)
     contract = get_adapter(model).contract()

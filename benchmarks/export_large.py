@@ -28,6 +28,17 @@ def randomize_weights(model: torch.nn.Module, std: float = 0.02, seed: int = 0) 
                 prm.copy_(torch.randn(prm.shape, generator=g) * std)
 
 
+def speed_model(name: str) -> torch.nn.Module:
+    """A model to time: the bundled reference as trained, any other preset with random weights (speed does not
+    depend on them, and a preset's zero init would make every block an identity)."""
+    from compress import load_model
+
+    model = load_model(name).eval()
+    if name != "reference":
+        randomize_weights(model)
+    return model
+
+
 def main() -> None:
     from compress import load_model
     from compress.io import atomic_write_text

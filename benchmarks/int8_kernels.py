@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import compress
-from benchmarks.export_large import randomize_weights
+from benchmarks.export_large import speed_model
 from compress.bench.speed import SpeedEntry, speed_inputs, time_interleaved
 from compress.calibration import CalibrationConfig
 from compress.io import atomic_write_text
@@ -52,9 +52,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/quantization/int8-kernels"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    model = compress.load_model(a.model).eval()
-    if a.model != "reference":
-        randomize_weights(model)
+    model = speed_model(a.model)
     cal = CalibrationConfig() if a.model == "reference" else CalibrationConfig(samples=4, steps=8, batch_size=4)
     ctx = PassContext.for_model(model, cal, show_progress=False)
     contract = get_adapter(model).contract()
