@@ -295,7 +295,9 @@ def spy(self, module, blocks=()):
 tr.Trainer.wrap = spy
 m = compress.apply_recipe(randomized_dit(), recipe, show_progress=False, workdir=WorkDir(sys.argv[2]))
 w = next(iter(m.state_dict().values()))
-print("rank", dist.get_rank(), json.dumps(sizes), type(w).__name__, "ok", flush=True)
+# one write per line: both ranks share torchrun's stdout pipe, and print() of several pieces can interleave
+sys.stdout.write(f"rank {dist.get_rank()} {json.dumps(sizes)} {type(w).__name__} ok\\n")
+sys.stdout.flush()
 if dist.get_rank() == 0:
     compress.save(m, sys.argv[3])
 dist.destroy_process_group()

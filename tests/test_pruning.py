@@ -19,7 +19,7 @@ from compress.models.adapters import get_adapter
 from compress.models.dit import DIT_CONFIGS, DiT
 from compress.models.provenance import provenance, stamp_source
 from compress.recipe import load_recipe, parse_recipe
-from tests.conftest import randomized_dit
+from tests.conftest import randomized_dit, run_torchrun
 from tests.tiny_models import tiny_diffusers_model
 
 FAMILIES = ["diffusers-dit", "pixart", "sd3", "flux"]
@@ -332,7 +332,7 @@ dist.init_process_group("gloo")
 import compress
 from compress.io import WorkDir
 from compress.passes import CalibrationConfig, PassContext
-from tests.conftest import randomized_dit
+from tests.conftest import randomized_dit, run_torchrun
 teacher = randomized_dit()
 ctx = PassContext.for_model(teacher, CalibrationConfig(samples=4, steps=3), show_progress=False)
 ctx.run.workdir = WorkDir(sys.argv[1])
@@ -342,7 +342,9 @@ w = torch.cat([p.detach().reshape(-1) for p in student.parameters()])
 all_w = [torch.zeros_like(w) for _ in range(dist.get_world_size())]
 dist.all_gather(all_w, w)
 assert all(torch.equal(all_w[0], x) for x in all_w), "replicas diverged"
-print("rank", dist.get_rank(), "ok", ctx.run.notes[-1])
+# one write per line: both ranks share torchrun's stdout pipe, and print() of several pieces can interleave
+sys.stdout.write(f"rank {dist.get_rank()} ok {ctx.run.notes[-1]}\\n")
+sys.stdout.flush()
 dist.destroy_process_group()
 """
 
@@ -352,11 +354,7 @@ def torchrun(body: str, tmp_path: Path, port: int) -> str:
     ``student``, whose replicas must then be equal. Returns the ranks' output."""
     script = tmp_path / "ddp.py"
     script.write_text(DDP_PRELUDE + body + DDP_CHECK)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(port), str(script), str(tmp_path / "w")], env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    r = run_torchrun([str(script), str(tmp_path / "w")], port, timeout=300)
     assert r.stdout.count(" ok ") == 2 and "x 2 rank(s)" in r.stdout
     return r.stdout
 
