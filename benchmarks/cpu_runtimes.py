@@ -9,9 +9,10 @@ block an identity), calibrated once on seeded trajectories. Rows, all timed inte
 * PyTorch eager fp32 and ``w8a8-int8`` (``torch._int_mm``);
 * ONNX Runtime: the fp32 export, this project's QDQ export of ``w8a8-int8-ort-cpu``, and ORT's own
   ``quantize_dynamic`` (QInt8) of the fp32 export (a peer);
-* OpenVINO (explicit f32 precision hint): the fp32 export, this project's QDQ exports of ``w8a8-int8``
-  (uint8 and int8 activations), and **NNCF** ``nncf.quantize`` (ModelType.TRANSFORMER, the same calibration
-  inputs) of the fp32 IR (the peer the issue names).
+* OpenVINO (explicit f32 precision hint): the fp32 export, this project's QDQ exports (int8 activations)
+  of ``w8a8-int8`` and of the CPU-tuned ``w8a8-cpu`` (INT8 attention matmuls, INT8 adaLN weights), and
+  **NNCF** ``nncf.quantize`` (ModelType.TRANSFORMER) of the fp32 IR on the same calibration trajectories
+  (``export_openvino(..., quantizer="nncf")``: the peer the issue names).
 
 Quality: each row's output on the timed input against the fp32 PyTorch output (PSNR over the output's
 range: what a single call loses). Run it on an idle machine.
@@ -35,7 +36,7 @@ from compress.machine import machine_info
 from compress.models.adapters import get_adapter
 from compress.passes import PassContext
 from exporters.onnx import OnnxRunner, export_onnx, session_call
-from exporters.openvino import OpenVinoRunner, compiled_call, export_openvino
+from exporters.openvino import OpenVinoRunner, export_openvino
 
 
 def out_psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -55,20 +56,6 @@ def ort_dynamic(fp32_dir: Path, work: Path, threads: int):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def nncf_openvino(fp32_ov: Path, rows, threads: int, batch: int):
-    """NNCF's post-training INT8 of the fp32 IR (TRANSFORMER preset), compiled like every OpenVINO row."""
-    import nncf
-    import openvino as ov
-
-    core = ov.Core()
-    model = core.read_model(str(fp32_ov / "model.xml"))
-    keys = ["latent", "timestep", "y"]
-    data = [dict(zip(keys, [x.numpy(), t.float().numpy(), c["y"].numpy()])) for x, t, c in rows.batches(batch)]
-    q = nncf.quantize(model, nncf.Dataset(data), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(data))
-    compiled = core.compile_model(q, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
-    return compiled_call(compiled, [i.get_any_name() for i in compiled.inputs], ["y"])
 
 
 def main() -> None:
@@ -102,12 +89,13 @@ def main() -> None:
                    session_call(ort_dynamic(fp32_onnx, work, a.threads), ["y"]), inputs, cpu),
         SpeedEntry("OpenVINO fp32", OpenVinoRunner(fp32_ov, threads=a.threads), inputs, cpu),
     ]
-    for acts in ("uint8", "int8"):
-        d = export_openvino(export_onnx(w8, work / f"qdq-{acts}", qdq_activations=acts), work / f"qdq-{acts}-ov")
-        entries.append(SpeedEntry(f"OpenVINO w8a8-int8 QDQ {acts} activations (ours)",
-                                  OpenVinoRunner(d, threads=a.threads), inputs, cpu))
-    entries.append(SpeedEntry("OpenVINO + NNCF INT8 TRANSFORMER (peer)",
-                              nncf_openvino(fp32_ov, ctx.calibration.rows(), a.threads, a.batch), inputs, cpu))
+    w8_cpu = compress.apply_recipe(model, "w8a8-cpu", ctx=ctx, show_progress=False).eval()
+    for name, m in (("w8a8-int8", w8), ("w8a8-cpu", w8_cpu)):
+        d = export_openvino(m, work / f"{name}-ov", qdq_activations="int8")
+        entries.append(SpeedEntry(f"OpenVINO {name} QDQ (ours)", OpenVinoRunner(d, threads=a.threads), inputs, cpu))
+    nncf_ov = export_openvino(model, work / "nncf-ov", quantizer="nncf", calibration=cal)
+    entries.append(SpeedEntry("OpenVINO + NNCF INT8 TRANSFORMER (peer)", OpenVinoRunner(nncf_ov, threads=a.threads),
+                              inputs, cpu))
     with torch.no_grad():
         ref = get_adapter(model).denoise(*inputs)
         quality = {e.name: out_psnr(e.call(*inputs), ref) for e in entries}

@@ -1,14 +1,16 @@
 """W8A8 INT8 in PyTorch eager on CPU: integer kernels (``torch._int_mm``) against fake quantization and fp32.
 
     python -m benchmarks.int8_kernels --model DiT-B/2 --batch 4 --threads 2   # the issue's shape
-    python -m benchmarks.int8_kernels --model reference --batch 8 --threads 1
+    python -m benchmarks.int8_kernels --model reference --batch 16 --threads 1 --also-recipes all
 
 One process, one model quantized once with the bundled ``w8a8-int8`` and ``w8a8-int8-dynamic`` recipes; each
 quantized model is timed twice, with its layers' ``kernel`` set to ``"auto"`` (integer matmuls) and to
 ``"reference"`` (the fake-quant arithmetic the integer path is tested against), interleaved with the fp32
 source (``compress.bench.speed.time_interleaved``: round-robin, median of repeats). Output error of the
 integer path against the fake-quant one (they compute the same integers) and against fp32 is reported
-beside the times. DiT-B/2 gets random weights (its zero init would make every block an identity; speed
+beside the times. ``--also-recipes`` adds every other bundled quantization recipe (or a comma list), each
+timed as PyTorch runs it by default (integer kernels where they exist, weight-only layers on their
+dequantized-once weights): "is any quantized variant slower than its source in PyTorch". DiT-B/2 gets random weights (its zero init would make every block an identity; speed
 does not depend on the values). Run it on an idle machine.
 """
 
@@ -31,6 +33,10 @@ from compress.models.adapters import get_adapter
 from compress.nn.quant import QuantLinear
 from compress.passes import PassContext
 
+# every bundled recipe made of quantize passes only (what PyTorch runs as quantized layers)
+QUANT_RECIPES = ["int8-weights", "int4-weights-g32", "int4-weights-g32-asym", "w8a8-int8-ort-cpu", "fp8",
+                 "fp8-per-tensor-dynamic", "w4a8", "w4a8-svd", "w8a8-cpu"]
+
 
 def set_kernel(model: torch.nn.Module, kernel: str) -> torch.nn.Module:
     for m in model.modules():
@@ -49,8 +55,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--also-recipes", default="", help="'all' bundled quantization recipes, or a comma list")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/quantization/int8-kernels"))
     a = p.parse_args()
+    also = [r for r in (QUANT_RECIPES if a.also_recipes == "all" else a.also_recipes.split(",")) if r]
+    also = [r for r in also if r not in ("w8a8-int8", "w8a8-int8-dynamic")]
     torch.set_num_threads(a.threads)
     model = speed_model(a.model)
     cal = CalibrationConfig() if a.model == "reference" else CalibrationConfig(samples=4, steps=8, batch_size=4)
@@ -72,12 +81,17 @@ def main() -> None:
                                       torch.device("cpu")))
             entries.append(SpeedEntry(f"{recipe} (fake quant)", get_adapter(fake).denoise, inputs,
                                       torch.device("cpu")))
+        for recipe in also:
+            q = compress.apply_recipe(model, recipe, ctx=ctx, show_progress=False).eval()
+            errors[recipe] = {"vs_fp32_rel_mse": rel_mse(get_adapter(q).denoise(*inputs), ref_out)}
+            entries.append(SpeedEntry(recipe, get_adapter(q).denoise, inputs, torch.device("cpu")))
     stats = time_interleaved(entries, warmup=3, repeats=a.repeats)
     fp32 = stats["fp32"].median_ms
     rows = {name: {"median_ms": round(s.median_ms, 2), "p90_ms": round(s.p90_ms, 2),
                    "speedup_vs_fp32": round(fp32 / s.median_ms, 3)} for name, s in stats.items()}
     report = {"command": f"python -m benchmarks.int8_kernels --model {a.model} --batch {a.batch} "
-                         f"--threads {a.threads} --repeats {a.repeats}",
+                         f"--threads {a.threads} --repeats {a.repeats}"
+                         + (f" --also-recipes {a.also_recipes}" if a.also_recipes else ""),
               "what": "ms per transformer call (one conditional batch), PyTorch eager, median of interleaved repeats",
               "model": a.model, "batch": a.batch, "threads": a.threads, "rows": rows, "errors": errors,
               "machine": machine_info()}

@@ -1,7 +1,7 @@
 """Artifacts: ``model.safetensors`` + ``manifest.json`` in a directory, written atomically.
 
 Loading rebuilds the source architecture (through the adapter registry), replays the recorded structural
-edits (pruned blocks, replaced modules, changed attributes), then loads the weights with strict keys: one
+edits (pruned blocks, replaced modules, replaced attention kernels, changed attributes), then loads the weights with strict keys: one
 format for pruned, quantized, MoE and linear-attention models alike.
 
 A manifest is untrusted input: it is validated against a schema (unknown keys are errors), its weights
@@ -55,6 +55,12 @@ class Wrap(_Strict):
     spec: dict[str, Any]
 
 
+class SetAttention(_Strict):
+    op: Literal["attention"]
+    path: str = Field(min_length=1)
+    spec: dict[str, Any]
+
+
 class SetAttr(_Strict):
     op: Literal["set_attr"]
     path: str
@@ -62,7 +68,7 @@ class SetAttr(_Strict):
     value: int | float | bool | str
 
 
-Edit = Annotated[Union[RemoveBlocks, Replace, Wrap, SetAttr], Field(discriminator="op")]  # noqa: UP007
+Edit = Annotated[Union[RemoveBlocks, Replace, Wrap, SetAttention, SetAttr], Field(discriminator="op")]  # noqa: UP007
 
 
 class WeightsEntry(_Strict):

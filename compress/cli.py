@@ -233,13 +233,18 @@ def export_openvino_cmd(source: str = typer.Argument(..., help="artifact dir or 
                                                                    "f32, 2e-2 fake-quant or f16, 5e-2 bf16)"),
                         force: bool = typer.Option(False, help="replace an existing OpenVINO export"),
                         qdq_activations: str = typer.Option("uint8", help="INT8 activations in QDQ when exporting "
-                                                                          "a model: 'uint8' or 'int8'")) -> None:
+                                                                          "a model: 'uint8' or 'int8'"),
+                        quantizer: str = typer.Option(None, help="'nncf': quantize a float model's IR with NNCF "
+                                                                 "INT8 (TRANSFORMER preset), calibrated on the model's "
+                                                                 "own trajectories")) -> None:
     """Convert to OpenVINO IR and validate the compiled CPU model; a failed validation leaves nothing behind."""
     from compress.io import ONNX_EXPORT, OPENVINO_EXPORT, check_output_path, kind_of
-    from exporters.openvino import check_precision, export_openvino, require_openvino
+    from exporters.openvino import QUANTIZERS, check_precision, export_openvino, require_openvino
 
     require_openvino()
     check_precision(precision)
+    if quantizer is not None and quantizer not in QUANTIZERS:
+        raise DitCompressError(f"--quantizer {quantizer!r}: choose one of {', '.join(QUANTIZERS)}.")
     if tolerance is not None and not 0 < tolerance < 1:
         raise DitCompressError(f"--tolerance {tolerance}: a relative error between 0 and 1.")
     check_output_path(out, (OPENVINO_EXPORT,), force)
@@ -250,7 +255,7 @@ def export_openvino_cmd(source: str = typer.Argument(..., help="artifact dir or 
 
         src = load_model(source)
     export_openvino(src, out, precision=precision, force=force, tolerance=tolerance, console=console,
-                    qdq_activations=qdq_activations, source_id=_source_id(source))
+                    qdq_activations=qdq_activations, source_id=_source_id(source), quantizer=quantizer)
 
 
 @export_app.command("tensorrt")

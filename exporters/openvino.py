@@ -10,6 +10,11 @@ the same QDQ export of DiT-B/2). Its CPU plugin defaults to bf16 inference on CP
 (slower and less exact there for these models), so the runner always sets an explicit precision hint:
 ``f32`` unless the export (or the caller) asks for ``bf16`` / ``f16``.
 
+``quantizer="nncf"`` converts a float model and quantizes the IR with NNCF's post-training INT8
+(``nncf.quantize``, ModelType.TRANSFORMER) on the model's own calibration trajectories: the deployable
+form of NNCF's quantizer, side by side with this project's (``w8a8-cpu`` exported as QDQ). Its INT8 has no
+PyTorch twin, so its gate bounds the error against the float model (``NNCF_TOLERANCE``) instead.
+
 The gate is the one every exporter uses (``exporters.onnx.validate_outputs``): the compiled IR is run on
 seeded inputs at three timesteps, both guidance branches, against PyTorch (when exporting a model) or
 against ONNX Runtime on the export it was converted from (itself validated against PyTorch when it was
@@ -32,6 +37,10 @@ from exporters.runtime import Runner, contract_of, export_meta, graph_inputs, nu
 # inference precision hint -> default validation tolerance (relative to the output's max magnitude)
 PRECISIONS = {"f32": 1e-4, "bf16": 5e-2, "f16": 1e-2}
 FAKE_QUANT_TOLERANCE = 2e-2  # as the ONNX gate: a rounding flipping at a bin edge moves a value by one step
+# NNCF INT8 vs the float model: a sanity gate (non-finite or output-sized errors), not a quality bar; measured max
+# errors 0.09-0.26 of the output's magnitude on the reference (this project's QDQ: ~1e-2). Quality is bench's job.
+NNCF_TOLERANCE = 0.5
+QUANTIZERS = ("nncf",)
 
 
 def require_openvino():
@@ -84,18 +93,53 @@ def compiled_call(compiled, input_names: list[str], cond_keys: list[str]):
     return run
 
 
+def check_quantizer(quantizer: str | None, source) -> None:
+    """``quantizer`` needs a float PyTorch model (it calibrates on the model's trajectories) and NNCF."""
+    if quantizer is None:
+        return
+    if quantizer not in QUANTIZERS:
+        raise DitCompressError(f"quantizer {quantizer!r}: choose one of {', '.join(QUANTIZERS)}.")
+    from exporters.onnx import _is_quantized
+
+    if not isinstance(source, nn.Module):
+        raise DitCompressError("--quantizer nncf calibrates on the model's own sampling trajectories: give a model or "
+                               "artifact, not an ONNX export.")
+    if _is_quantized(source):
+        raise DitCompressError("--quantizer nncf quantizes a float model; this one already holds quantized layers "
+                               "(export it as it is, or give its float source).")
+    try:
+        import nncf  # noqa: F401
+    except ImportError:
+        raise DitCompressError('NNCF is not installed: pip install "dit-compress[nncf]".') from None
+
+
+def nncf_quantize(graph, model: nn.Module, calibration=None, batch: int = 4):
+    """NNCF's post-training INT8 (TRANSFORMER preset) of ``graph``, calibrated on ``model``'s trajectories."""
+    import nncf
+
+    from compress.passes import PassContext
+
+    rows = PassContext.for_model(model, calibration, show_progress=False).calibration.rows()
+    names = [i.get_any_name() for i in graph.inputs]
+    data = [numpy_feeds(names, graph_inputs(x, t, cond, names[2:])) for x, t, cond in rows.batches(batch)]
+    return nncf.quantize(graph, nncf.Dataset(data), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(data))
+
+
 def export_openvino(source: nn.Module | str | Path, out_dir: str | Path, *, precision: str = "f32",
                     force: bool = False, tolerance: float | None = None, console=None,
-                    qdq_activations: str = "uint8", source_id: str | None = None) -> Path:
+                    qdq_activations: str = "uint8", source_id: str | None = None,
+                    quantizer: str | None = None, calibration=None) -> Path:
     """Write ``out_dir/model.xml`` + ``model.bin`` + ``export.json`` from a model or an ONNX export; atomic.
 
     ``source`` is a PyTorch model (exported to ONNX first, in a temporary directory, with ``qdq_activations``
     for W8A8 layers) or a dit-compress ONNX export directory. ``precision`` is the inference precision hint
     recorded in ``export.json`` and used by ``OpenVinoRunner`` unless it is given another. ``force``
-    replaces an existing OpenVINO export (and nothing else).
+    replaces an existing OpenVINO export (and nothing else). ``quantizer="nncf"`` quantizes a float model's
+    IR with NNCF, calibrated on ``calibration`` (a ``CalibrationConfig``; default: the calibration defaults).
     """
     ov = require_openvino()
     check_precision(precision)
+    check_quantizer(quantizer, source)
     from exporters.onnx import OnnxRunner, export_onnx, failed_validation, validate_outputs
 
     out = Path(out_dir)
@@ -119,14 +163,16 @@ def export_openvino(source: nn.Module | str | Path, out_dir: str | Path, *, prec
             reference = OnnxRunner(onnx_dir)
             against = "ONNX Runtime on the export (validated against PyTorch when written)"
         contract = contract_of(meta_in, onnx_dir / ONNX_EXPORT.marker)
-        quantized = (meta_in.get("validation") or {}).get("precision") == "fake-quant"
-        tol = tolerance if tolerance is not None else max(PRECISIONS[precision],
-                                                          FAKE_QUANT_TOLERANCE if quantized else 0.0)
+        quantized = (meta_in.get("validation") or {}).get("precision") == "fake-quant" or quantizer is not None
+        floor = NNCF_TOLERANCE if quantizer else FAKE_QUANT_TOLERANCE if quantized else 0.0
+        tol = tolerance if tolerance is not None else max(PRECISIONS[precision], floor)
         try:
             graph = ov.convert_model(str(onnx_dir / "model.onnx"))
         except Exception as e:  # noqa: BLE001
             raise DitCompressError(f"{onnx_dir / 'model.onnx'}: OpenVINO cannot convert it "
                                    f"({str(e).strip().splitlines()[0][:200]}).") from None
+        if quantizer == "nncf":
+            graph = nncf_quantize(graph, source, calibration)
         with atomic_directory(out, (OPENVINO_EXPORT,), force=force) as tmp:
             ov.save_model(graph, str(tmp / "model.xml"), compress_to_fp16=False)  # weights stay fp32 on disk
             compiled = compile_ir(tmp / "model.xml", precision)
@@ -137,6 +183,8 @@ def export_openvino(source: nn.Module | str | Path, out_dir: str | Path, *, prec
             run = compiled_call(compiled, names, meta_in["inputs"][2:])
             report = validate_outputs(run, reference, contract, quantized=quantized, tolerance=tol)
             report |= {"against": against, "inference_precision": precision}
+            if quantizer:
+                report["precision"] = f"{quantizer} int8"
             if not report["passed"]:
                 raise failed_validation(report, f"OpenVINO export ({precision}, vs {against})", out)
             meta = {"inputs": names, "output": meta_in.get("output", "prediction"), "precision": precision,
@@ -144,6 +192,7 @@ def export_openvino(source: nn.Module | str | Path, out_dir: str | Path, *, prec
                                                                    ("opset", "qdq_layers", "qdq_activations", "log")},
                     "source": meta_in.get("source") or source_id, "recipe": meta_in.get("recipe"),
                     "params": meta_in.get("params"), "sampling": meta_in["sampling"], "validation": report,
+                    "quantizer": None if quantizer is None else {"name": quantizer, "version": _version(quantizer)},
                     "seconds": round(time.perf_counter() - t0, 1)}
             write_marker(tmp, OPENVINO_EXPORT, meta)
     if console is not None:
@@ -151,6 +200,10 @@ def export_openvino(source: nn.Module | str | Path, out_dir: str | Path, *, prec
                       f"{report['max_rel_err']:.2e} vs {against} (tolerance {tol:.0e}) over {len(report['cases'])} "
                       f"cases")
     return out
+
+
+def _version(package: str) -> str:
+    return __import__(package).__version__
 
 
 class OpenVinoRunner(Runner):
@@ -177,7 +230,9 @@ class OpenVinoRunner(Runner):
         self.params = self.meta.get("params")
         self.size_bytes = sum((d / f).stat().st_size for f in ("model.xml", "model.bin") if (d / f).is_file())
         self.recipe = self.meta.get("recipe")
-        self.description = f"OpenVINO {self.meta.get('openvino', '')} CPU ({self.precision})"
+        q = self.meta.get("quantizer")
+        self.description = (f"OpenVINO {self.meta.get('openvino', '')} CPU ({self.precision}"
+                            f"{', ' + q['name'].upper() + ' INT8' if q else ''})")
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         return self._run(x, t, cond)

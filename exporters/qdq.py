@@ -2,7 +2,8 @@
 
 ``lower_for_export(model)`` returns a copy of ``model`` in which every QDQ-exportable ``QuantLinear``
 (static per-tensor INT8 inputs, per-channel INT8 weights) is replaced by a ``QDQLinear`` with the same
-tensors. The exporter traces that copy; the model the user holds is never modified. Other quantized
+tensors, and every ``QuantAttention`` kernel by a ``QDQAttention`` (both batched matmuls' inputs
+quantized). The exporter traces that copy; the model the user holds is never modified. Other quantized
 layers export as their exact fake-quant float arithmetic.
 """
 
@@ -15,7 +16,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.errors import DitCompressError
+from compress.nn.attention import AttentionKernel, QuantAttention
 from compress.nn.quant import INT8_MAX, QuantLinear
+
+
+def _int8_grid(act_dtype: str) -> tuple[int, int, int, torch.dtype]:
+    """(zero point, low, high, dtype) of the symmetric int8 grid: uint8 with zero point 128 (ONNX Runtime's x86
+    U8S8 kernels) or int8 with zero point 0 (TensorRT, OpenVINO)."""
+    return (128, 0, 255, torch.uint8) if act_dtype == "uint8" else (0, -128, 127, torch.int8)
+
+
+def qdq_symmetric(x: torch.Tensor, s: float, act_dtype: str) -> torch.Tensor:
+    """x on the +-127-step grid of scale ``s`` as QuantizeLinear -> DequantizeLinear."""
+    qd = torch.ops.quantized_decomposed
+    zp, lo, hi, dt = _int8_grid(act_dtype)
+    xq = qd.quantize_per_tensor.default(x.clamp(-INT8_MAX * s, INT8_MAX * s), s, zp, lo, hi, dt)
+    return qd.dequantize_per_tensor.default(xq, s, zp, lo, hi, dt)
 
 
 class QDQLinear(nn.Module):
@@ -38,18 +54,40 @@ class QDQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 
-        m, s = self.layer, self.scale
+        m = self.layer
         qd = torch.ops.quantized_decomposed
         xs = x / m.smooth if m.smooth is not None else x
-        zp, lo, hi, dt = (128, 0, 255, torch.uint8) if self.act_dtype == "uint8" else (0, -128, 127, torch.int8)
-        xq = qd.quantize_per_tensor.default(xs.clamp(-INT8_MAX * s, INT8_MAX * s), s, zp, lo, hi, dt)
-        xd = qd.dequantize_per_tensor.default(xq, s, zp, lo, hi, dt)
+        xd = qdq_symmetric(xs, self.scale, self.act_dtype)
         zeros = torch.zeros(m.out_features, dtype=torch.int64, device=xs.device)
         w = qd.dequantize_per_channel.default(m.qweight, m.weight_scale[:, 0], zeros, 0, -128, 127, torch.int8)
         y = F.linear(xd, w.to(xs.dtype))
         if m.rank:
             y = y + F.linear(F.linear(xs, m.lora_down.to(x.dtype)), m.lora_up.to(x.dtype))
         return y if m.bias is None else y + m.bias.to(y.dtype)
+
+
+class QDQAttention(AttentionKernel):
+    """A ``QuantAttention`` written with explicit quantize / dequantize ops on both matmuls' inputs.
+
+    q, k, v go out on the symmetric int8 grid (as ``QDQLinear`` inputs), the probabilities as uint8 with zero
+    point 0; scales are frozen as Python floats so the exporter writes constants.
+    """
+
+    def __init__(self, kernel: QuantAttention, act_dtype: str):
+        super().__init__(kernel.heads, kernel.head_dim, kernel.grid, kernel.image)
+        self.s = {r: float(t) for r, t in kernel.scales().items()}
+        self.act_dtype = act_dtype
+
+    def attend(self, q, k, v, scale):
+        import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+
+        qd, s = torch.ops.quantized_decomposed, self.s
+        dtype = v.dtype
+        qq, kq, vq = (qdq_symmetric(x.float(), s[r], self.act_dtype) for x, r in ((q, "q"), (k, "k"), (v, "v")))
+        logits = (qq @ kq.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+        p = qd.quantize_per_tensor.default(logits.softmax(-1), s["p"], 0, 0, 255, torch.uint8)
+        p = qd.dequantize_per_tensor.default(p, s["p"], 0, 0, 255, torch.uint8)
+        return (p @ vq).to(dtype)
 
 
 def lower_for_export(model: nn.Module, act_dtype: str = "uint8") -> tuple[nn.Module, int]:
@@ -68,13 +106,15 @@ def lower_for_export(model: nn.Module, act_dtype: str = "uint8") -> tuple[nn.Mod
                 f"graph cannot select; re-quantize with 'activations: {{timestep_groups: 1}}' to export.")
         if m.qdq_exportable():
             names.append(name)
+    names += [name for name, m in model.named_modules() if isinstance(m, QuantAttention)]
     if not names:
         return model, 0
     lowered = copy.deepcopy(model)
     for name in names:
         parent, _, attr = name.rpartition(".")
         owner = lowered.get_submodule(parent) if parent else lowered
-        setattr(owner, attr, QDQLinear(getattr(owner, attr), act_dtype))
+        layer = getattr(owner, attr)
+        setattr(owner, attr, (QDQAttention if isinstance(layer, QuantAttention) else QDQLinear)(layer, act_dtype))
     return lowered, len(names)
 
 

@@ -101,3 +101,26 @@ def test_cli_export_openvino_then_sample_and_bad_precision(tiny_native, tmp_path
     code, text = hostile_cli("export", "openvino", "reference", "--out", str(tmp_path / "x"), "--precision", "fp32")
     assert code == 2 and "choose one of f32, bf16, f16" in text and "Traceback" not in text
     assert not (tmp_path / "x").exists()
+
+
+def test_nncf_quantizer_writes_an_int8_ir_within_its_gate_calibrated_on_the_model(tiny_native, tmp_path):
+    pytest.importorskip("nncf", reason="NNCF is the optional [nncf] extra")
+    import openvino as ov
+
+    from compress.calibration import CalibrationConfig
+
+    d = export_openvino(compress.load_model("reference"), tmp_path / "ov", quantizer="nncf",
+                        calibration=CalibrationConfig(samples=4, steps=4, batch_size=4))
+    meta = json.loads((d / "export.json").read_text())
+    assert meta["quantizer"]["name"] == "nncf" and meta["validation"]["precision"] == "nncf int8"
+    assert 1e-3 < meta["validation"]["max_rel_err"] <= 0.5  # quantized (not the float graph), within NNCF's gate
+    ops = {op.get_type_name() for op in ov.Core().read_model(str(d / "model.xml")).get_ops()}
+    assert "FakeQuantize" in ops  # NNCF's INT8 nodes, which the CPU plugin runs as integer kernels
+    assert "NNCF INT8" in OpenVinoRunner(d).description
+    with pytest.raises(DitCompressError, match="already holds quantized layers"):
+        q = compress.apply_recipe(tiny_native, {"name": "q", "description": "q", "passes": [
+            {"pass": "quantize", "weights": {"dtype": "int8"}}]}, show_progress=False)
+        export_openvino(q, tmp_path / "ov2", quantizer="nncf")
+    with pytest.raises(DitCompressError, match="not an ONNX export"):
+        export_openvino(tmp_path / "an-onnx-export", tmp_path / "ov3", quantizer="nncf")  # refused before reading it
+    assert not (tmp_path / "ov2").exists() and not (tmp_path / "ov3").exists()

@@ -6,6 +6,6 @@ and then loads the weights strictly. Any class registered here can therefore app
 """
 
 from compress.nn.registry import build_module, module_spec, replayable
-from compress.nn import guidance, moe, quant  # noqa: E402,F401  (registers their modules)
+from compress.nn import attention, guidance, moe, quant  # noqa: E402,F401  (registers their modules)
 
 __all__ = ["build_module", "module_spec", "replayable"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from compress.nn.registry import replayable
 from compress.nn.timestep import current_timestep
@@ -55,8 +56,31 @@ def unpack_int4(p: torch.Tensor, signed: bool) -> torch.Tensor:
     return q - 16 * (q > 7).to(torch.int32) if signed else q
 
 
+def reused(layer: nn.Module, name: str, make, *stored: torch.Tensor | None) -> torch.Tensor:
+    """``make()``, computed once per version of the ``stored`` tensors it derives from, then reused.
+
+    For what a quantized layer derives from its compact tensors: the dequantized weight (PyTorch has no CPU
+    kernel that beats an fp32 matmul on it at DiT widths: ``_weight_int8pack_mm`` is ~86x slower at the
+    reference's shapes, so dequantizing on every call only adds time; reusing it keeps the same values, with
+    an fp32 weight's memory while the artifact stays compact) and the integer matmul's transposed weight.
+    Under autograd, tracing, export or compile it is recomputed, so graphs keep the compact tensors.
+    """
+    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch.jit.is_tracing() or isinstance(stored[0], FakeTensor)):
+        return make()
+    key = tuple((t.data_ptr(), t._version, t.device) for t in stored if t is not None)
+    cached = layer.__dict__.get(f"_reused_{name}")
+    if cached is None or cached[0] != key:
+        cached = (key, make())
+        layer.__dict__[f"_reused_{name}"] = cached
+    return cached[1]
+
+
 class WeightOnlyLinear(nn.Module):
-    """y = x @ dequant(W)^T + b with W stored as int8 or packed int4 and fp32 scales (per channel or group)."""
+    """y = x @ dequant(W)^T + b with W stored as int8 or packed int4 and fp32 scales (per channel or group).
+
+    On CPU the matmul is fp32 on the dequantized weight, dequantized once (``reused``).
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int = 8,
                  group_size: int | None = None, symmetric: bool = True):
@@ -95,7 +119,8 @@ class WeightOnlyLinear(nn.Module):
         return (qg * self.scale[..., None]).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        w = reused(self, "weight", self.dequantized_weight, self.qweight, self.scale, self.zero)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, bits={self.bits}, group_size={self.group_size}, "
@@ -254,9 +279,12 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor, act_scale: torch.Tensor | None = None) -> torch.Tensor:
         xs = x / self.smooth if self.smooth is not None else x
         if act_scale is None and self._kernel_ok(x):
-            y = self._low_precision_matmul(xs)
+            y = self._low_precision_matmul(xs, with_bias=not self.rank)
+            if not self.rank:
+                return y
         else:
-            y = F.linear(self.quantize_input(xs, act_scale), self.dequantized_weight().to(x.dtype))
+            w = reused(self, "weight", self.dequantized_weight, self.qweight, self.weight_scale)
+            y = F.linear(self.quantize_input(xs, act_scale), w.to(x.dtype))
         if self.rank:
             y = y + F.linear(F.linear(xs, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -277,22 +305,35 @@ class QuantLinear(nn.Module):
             return self.in_features % 16 == 0 and self.out_features % 16 == 0 and x.numel() // x.shape[-1] > 16
         return x.dtype == torch.float32
 
-    def _low_precision_matmul(self, xs: torch.Tensor) -> torch.Tensor:
+    def _low_precision_matmul(self, xs: torch.Tensor, with_bias: bool = False) -> torch.Tensor:
+        """The integer (or FP8) matmul on the smoothed input ``xs``, scaled once; ``with_bias`` adds the bias in
+        the same op. The integer path quantizes with the fake-quant path's own division and rounding (in
+        place, on one copy of the input) and multiplies by a cached contiguous transposed weight."""
         lead, k = xs.shape[:-1], xs.shape[-1]
         x2 = xs.reshape(-1, k).float()
         qmax = ACT_FORMATS[self.act_format][1]
         if self.act_mode == "dynamic":
             sa = x2.abs().amax(-1, keepdim=True).clamp_min(1e-8) / qmax
         else:
-            sa = self.current_act_scale().reshape(1, 1).expand(x2.shape[0], 1)
-        sw = self.weight_scale.reshape(1, -1).expand(1, self.out_features).float()
+            sa = self.current_act_scale().reshape(1, 1)
+        sw = self.weight_scale.reshape(1, -1).float()
         if self.act_format == "int8":
-            xq = torch.clamp(torch.round(x2 / sa), -INT8_MAX, INT8_MAX).to(torch.int8)
-            y = torch._int_mm(xq, self.qweight.t()).float() * sa * sw
+            xq = torch.div(x2, sa).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+            wt = reused(self, "int8_wt", lambda: self.qweight.t().contiguous(), self.qweight)
+            acc = torch._int_mm(xq, wt).float()
+            if self.act_mode == "static":  # one per-channel scale row: (sa * sw)
+                y = torch.addcmul(self.bias.float(), acc, sa * sw) if with_bias and self.bias is not None \
+                    else acc.mul_(sa * sw)
+            else:
+                y = acc.mul_(sa).mul_(sw)
+                if with_bias and self.bias is not None:
+                    y = y.add_(self.bias.float())
         else:
-            xq = (x2 / sa).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-            y = torch._scaled_mm(xq, self.qweight.t(), scale_a=sa.contiguous(), scale_b=sw.contiguous(),
-                                 out_dtype=torch.bfloat16).float()
+            xq = (x2 / sa.expand(x2.shape[0], 1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            y = torch._scaled_mm(xq, self.qweight.t(), scale_a=sa.expand(x2.shape[0], 1).contiguous(),
+                                 scale_b=sw.contiguous(), out_dtype=torch.bfloat16).float()
+            if with_bias and self.bias is not None:
+                y = y + self.bias.float()
         return y.reshape(*lead, self.out_features).to(xs.dtype)
 
     def extra_repr(self) -> str:

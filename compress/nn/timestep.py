@@ -1,7 +1,9 @@
-"""The state of the denoiser call being run: its timestep and, for guidance-distilled students, guidance scale.
+"""The state of the denoiser call being run: its timestep, the guidance scale of guidance-distilled students,
+and the grid of its image tokens.
 
-Per-timestep-group activation scales (``QuantLinear``), step caches and guidance embeddings need values
-that reach the model as call arguments but are used deep inside it. The adapter's ``forward`` sets them
+Per-timestep-group activation scales (``QuantLinear``), step caches, guidance embeddings and attention
+kernels that work on the 2-D token grid (``compress.nn.attention``) need values that reach the model as
+call arguments (or follow from their shapes) but are used deep inside it. The adapter's ``forward`` sets them
 for the duration of the call (``denoiser_call``); layers read them with ``current_timestep`` /
 ``current_guidance``. Context variables, not globals: nested or concurrent calls each see their own
 values, and nothing has to be installed on the model for it to work.
@@ -17,15 +19,19 @@ import torch
 
 _TIMESTEP: ContextVar[torch.Tensor | None] = ContextVar("dit_compress_timestep", default=None)
 _GUIDANCE: ContextVar[torch.Tensor | None] = ContextVar("dit_compress_guidance", default=None)
+_GRID: ContextVar[tuple[int, int] | None] = ContextVar("dit_compress_token_grid", default=None)
 
 
 @contextlib.contextmanager
-def denoiser_call(t: torch.Tensor | float | None, guidance: torch.Tensor | None = None) -> Iterator[None]:
-    """Make ``t`` (the call's timesteps, in [0, 1000] for every family) and ``guidance`` current in the block."""
-    tokens = (_TIMESTEP.set(None if t is None else torch.as_tensor(t)), _GUIDANCE.set(guidance))
+def denoiser_call(t: torch.Tensor | float | None, guidance: torch.Tensor | None = None,
+                  grid: tuple[int, int] | None = None) -> Iterator[None]:
+    """Make ``t`` (the call's timesteps, in [0, 1000] for every family), ``guidance`` and the image-token ``grid``
+    (rows, columns) current in the block."""
+    tokens = (_TIMESTEP.set(None if t is None else torch.as_tensor(t)), _GUIDANCE.set(guidance), _GRID.set(grid))
     try:
         yield
     finally:
+        _GRID.reset(tokens[2])
         _GUIDANCE.reset(tokens[1])
         _TIMESTEP.reset(tokens[0])
 
@@ -38,3 +44,8 @@ def current_timestep() -> torch.Tensor | None:
 def current_guidance() -> torch.Tensor | None:
     """The running call's guidance scale per row (guidance-distilled students), or None."""
     return _GUIDANCE.get()
+
+
+def current_grid() -> tuple[int, int] | None:
+    """The running call's image-token grid (rows, columns), as its adapter derived it from the latent's shape."""
+    return _GRID.get()

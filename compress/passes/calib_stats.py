@@ -13,6 +13,7 @@ the number of samples or steps in the trajectory.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -117,3 +118,64 @@ def activation_salience(stats: LayerInputStats, weight: torch.Tensor, timestep_a
     eta = (1 - rho).clamp_min(0)
     eta = eta / eta.sum().clamp_min(1e-12)
     return (eta[:, None] * stats.absmax).sum(0)
+
+
+@dataclass
+class AttentionStats:
+    amax: dict[str, float]  # max |q|, |k|, |v| and the largest softmax probability seen
+    q: torch.Tensor  # (slices, tokens, head_dim): sampled (image, head) slices of the attention's inputs
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+@torch.no_grad()
+def collect_attention_stats(model: nn.Module, paths: list[str], calib: CalibrationSet, *, samples: int = 32,
+                            batch_size: int = 64, seed: int = 0, progress=None) -> dict[str, AttentionStats]:
+    """Run ``calib`` through ``model`` with each attention in ``paths`` computed by a recording kernel (exact
+    softmax attention, through the adapter's attention seam) that keeps the ranges of q, k, v and the
+    probabilities and a random sample of (image, head) slices of q, k, v for the clipping search."""
+    from compress.nn.attention import AttentionKernel
+
+    adapter = get_adapter(model)
+    batches = step_batches(calib, batch_size)
+    gen = torch.Generator().manual_seed(seed)
+    per_call = -(-samples // len(batches))
+
+    class Recording(AttentionKernel):
+        def __init__(self, view):
+            super().__init__(view.heads, view.head_dim, (1, 1), view.image_tokens)
+            self.amax = dict.fromkeys(("q", "k", "v", "p"), 0.0)
+            self.kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+        def attend(self, q, k, v, scale):
+            q, k, v = q.float(), k.float(), v.float()
+            s = scale if scale is not None else q.shape[-1] ** -0.5
+            for r, x in (("q", q), ("k", k), ("v", v)):
+                self.amax[r] = max(self.amax[r], float(x.abs().amax()))
+            out = torch.empty_like(q)
+            rows = max(1, (1 << 26) // max(1, q.shape[1] * q.shape[2] * k.shape[2]))  # bound the probability tensor
+            for i in range(0, q.shape[0], rows):
+                p = (q[i:i + rows] @ k[i:i + rows].transpose(-2, -1) * s).softmax(-1)
+                self.amax["p"] = max(self.amax["p"], float(p.amax()))
+                out[i:i + rows] = p @ v[i:i + rows]
+            flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731  (image x head slices)
+            pick = torch.randperm(q.shape[0] * q.shape[1], generator=gen)[:per_call]
+            self.kept.append((flat(q)[pick].cpu(), flat(k)[pick].cpu(), flat(v)[pick].cpu()))
+            return out
+
+    views = [adapter.attention_view(p) for p in paths]
+    kernels = [Recording(v) for v in views]
+    with contextlib.ExitStack() as stack:
+        for view, kernel in zip(views, kernels):
+            stack.enter_context(adapter.trial_attention_kernel(view, kernel))
+        for b in batches:
+            x = calib.x[b].to(next(model.parameters()).device)
+            adapter.forward(x, calib.t[b].to(x.device), slice_cond(calib.cond, b))
+            if progress:
+                progress()
+    out = {}
+    for path, kernel in zip(paths, kernels):
+        q, k, v = (torch.cat(parts) for parts in zip(*kernel.kept))
+        keep = torch.randperm(q.shape[0], generator=gen)[:samples]
+        out[path] = AttentionStats(kernel.amax, q[keep], k[keep], v[keep])
+    return out

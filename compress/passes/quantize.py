@@ -90,6 +90,30 @@ class Smoothing(BaseModel):
         return v
 
 
+class AttentionQuant(BaseModel):
+    """8-bit inputs to each attention's two batched matmuls (q k^T and p v), for CPU INT8 runtimes.
+
+    q, k, v become symmetric INT8 and the softmax probabilities unsigned 8-bit, each with a static
+    per-tensor scale calibrated on the trajectories (``compress.nn.attention.QuantAttention``). Exported as
+    QDQ, OpenVINO and ONNX Runtime run both matmuls in integers; in PyTorch it is fake quantization.
+    Self and joint attentions only: cross-attention (keys from a short text sequence) stays in float.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["int8"] = Field("int8", description="Matmul input type (q, k, v int8; probabilities uint8).")
+    clip_search: bool = Field(True, description="Search a clipping ratio of each calibrated range (q, k, v, "
+                                                "probabilities in turn) that minimises the attention's output error.")
+    max_error: float = Field(
+        0.02, gt=0.0, le=1.0,
+        description="Per-attention decision: an attention whose output relative MSE on the calibration slices stays "
+                    "above this after the search keeps float matmuls (reported).")
+    samples: int = Field(32, ge=1, le=4096,
+                         description="(image, head) slices of q/k/v kept per attention for the clipping search.")
+    exclude: list[str] = Field(default_factory=list,
+                               description="Attention paths to leave in float (fnmatch globs, e.g. 'blocks.0.attn').")
+
+
 class LowRank(BaseModel):
     """SVDQuant: keep a rank-r full-precision branch of the (smoothed) weight, quantize the residual."""
 
@@ -109,6 +133,8 @@ class QuantizeConfig(PassConfig):
     activations: ActivationQuant | None = Field(None, description="Activation format (None: weight-only).")
     smoothing: Smoothing | None = Field(None, description="SmoothQuant outlier migration (None: off).")
     low_rank: LowRank | None = Field(None, description="Full-precision low-rank outlier branch (None: off).")
+    attention: AttentionQuant | None = Field(
+        None, description="8-bit attention matmuls (q k^T, p v) for CPU INT8 runtimes (None: attention in float).")
     layers: LayerSelection = Field(default_factory=LayerSelection,
                                    description="Which block Linear layers to quantize (embedders, adaLN and the "
                                                "final layer stay in full precision by default).")
@@ -138,21 +164,87 @@ class QuantizeConfig(PassConfig):
     @property
     def needs_calibration(self) -> bool:
         a = self.activations
-        return bool(self.smoothing or (a is not None and a.mode == "static"))
+        return bool(self.smoothing or self.attention or (a is not None and a.mode == "static"))
 
 
 @QuantizeConfig.applies
 def apply_quantize(model: nn.Module, config: QuantizeConfig, ctx: PassContext) -> nn.Module:
     names = select_block_linears(model, config.layers, "quantize")
-    if not names:
+    attentions = _attention_paths(model, config.attention) if config.attention else []
+    if not names and not attentions:
         config.nothing_to_do(ctx, "no full-precision Linear layer in the transformer blocks matches 'layers' (already "
                                   "quantized by an earlier pass, or no adaLN Linear inside the blocks)")
         return model
     _check_groups(model, names, config)
+    if attentions:  # calibrated on the float model's attention inputs, before any Linear is quantized
+        _quantize_attention(model, attentions, config, ctx)
+    if not names:
+        return model
     simple = config.activations is None and not config.smoothing and not config.low_rank and config.weights.dtype != "fp8"
     if simple:
         return _weight_only(model, names, config, ctx)
     return _calibrated(model, names, config, ctx)
+
+
+def _attention_paths(model: nn.Module, cfg: AttentionQuant) -> list[str]:
+    """Self / joint attentions still computing float softmax attention, minus ``cfg.exclude``."""
+    import fnmatch
+
+    adapter = get_adapter(model)
+    views = [a for b in adapter.blocks() for a in b.attentions if a.kind != "cross"]
+    for p in cfg.exclude:
+        if not any(fnmatch.fnmatchcase(v.path, p) for v in views):
+            raise DitCompressError(f"pass 'quantize', field 'attention.exclude': pattern {p!r} matches no self or joint "
+                                   f"attention (e.g. {', '.join(v.path for v in views[:3])}).")
+    return [v.path for v in views if adapter.attention_kernel(v) is None
+            and not any(fnmatch.fnmatchcase(v.path, p) for p in cfg.exclude)]
+
+
+def _attention_error(kernel, st, scales: dict[str, torch.Tensor], ref: torch.Tensor) -> float:
+    out = kernel.attend(st.q[:, None], st.k[:, None], st.v[:, None], None, scales=scales)[:, 0]
+    return float((out - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12))
+
+
+def _quantize_attention(model: nn.Module, paths: list[str], config: QuantizeConfig, ctx: PassContext) -> None:
+    """Calibrate and install ``QuantAttention`` kernels; attentions above ``max_error`` stay in float."""
+    from compress.nn.attention import QuantAttention
+    from compress.passes.calib_stats import collect_attention_stats
+
+    cfg = config.attention
+    adapter = get_adapter(model)
+    calib = ctx.calibration.rows(config.calibration)
+    with ctx.run.progress(f"recording {len(paths)} attentions", len(step_batches(calib, 64))) as advance:
+        stats = collect_attention_stats(model, paths, calib, samples=cfg.samples, seed=ctx.run.seed, progress=advance)
+    grid = adapter.token_grid(tuple(adapter.latent_shape)) or (1, 1)
+    kept, errors = [], []
+    for path in paths:
+        view, st = adapter.attention_view(path), stats[path]
+        kernel = QuantAttention(view.heads, view.head_dim, grid, view.image_tokens)
+        kernel.set_scales(st.amax)
+        with torch.no_grad():
+            ref = torch.nn.functional.scaled_dot_product_attention(st.q[:, None], st.k[:, None], st.v[:, None])[:, 0]
+            base = {r: s.clone() for r, s in kernel.scales().items()}
+            err = _attention_error(kernel, st, base, ref)
+            for role in (QuantAttention.ROLES if cfg.clip_search else ()):  # one range at a time
+                start, best = base[role], base
+                for clip in (0.9, 0.8, 0.7, 0.6, 0.5):
+                    trial = {**base, role: start * clip}
+                    e = _attention_error(kernel, st, trial, ref)
+                    if e < err:
+                        err, best = e, trial
+                base = best
+            for r, s in base.items():
+                getattr(kernel, f"{r}_scale").copy_(s)
+        errors.append(err)
+        if err > cfg.max_error:
+            kept.append(f"{path} ({err:.1e})")
+            continue
+        adapter.set_attention_kernel(view, kernel.to(next(model.parameters()).device))
+    done = len(paths) - len(kept)
+    ctx.run.note(f"{done} attentions -> int8 matmuls (q k^T, p v); output rel. MSE mean "
+                 f"{sum(errors) / len(errors):.2e}, worst {max(errors):.2e}")
+    if kept:
+        ctx.run.note(f"{len(kept)} attentions above max_error {cfg.max_error} keep float matmuls: {', '.join(kept)}")
 
 
 def _check_groups(model: nn.Module, names: list[str], config: QuantizeConfig) -> None:

@@ -14,6 +14,8 @@ rebuild, calibration, export and the benchmark all go through this registry.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -28,7 +30,13 @@ from compress.nn.timestep import denoiser_call
 
 @dataclass
 class AttentionView:
-    """One attention layer. Either ``qkv`` (fused, output rows ordered [3, heads, head_dim]) or q/k/v."""
+    """One attention layer. Either ``qkv`` (fused, output rows ordered [3, heads, head_dim]) or q/k/v.
+
+    ``kind``: ``self`` (image tokens attend to each other), ``cross`` (image queries, text keys) or ``joint``
+    (text and image tokens in one attention: MMDiT's two projected streams, or Flux single blocks' one
+    concatenated stream). ``image_tokens``: where the image tokens sit in the sequence the attention
+    computation sees: ``all`` of it, ``first`` ([image | text], SD3) or ``last`` ([text | image], Flux).
+    """
 
     path: str
     module: nn.Module
@@ -45,6 +53,7 @@ class AttentionView:
     context_v: nn.Linear | None = None
     context_out: nn.Linear | None = None
     kind: str = "self"  # self | cross | joint
+    image_tokens: str = "all"  # all | first | last
 
     def projections(self) -> dict[str, nn.Linear]:
         """Every present projection by role name."""
@@ -182,6 +191,63 @@ class ModelAdapter:
         self.model.set_submodule(path, wrapper)
         record_edit(self.model, {"op": "wrap", "path": path, "spec": module_spec(wrapper)})
 
+    # --- the attention seam: what an attention computes between its projections ----------------------------
+    def token_grid(self, latent_shape: tuple[int, ...]) -> tuple[int, int] | None:
+        """(rows, columns) of the image-token grid of latents of this shape (None: the family has no grid)."""
+        return None
+
+    def attention_view(self, path: str) -> AttentionView:
+        """The attention at ``path`` (KeyError if the adapter exposes none there)."""
+        for b in self.blocks():
+            for a in b.attentions:
+                if a.path == path:
+                    return a
+        raise KeyError(f"{path!r} is not an attention layer the {self.family} adapter exposes")
+
+    def attention_kernel(self, view: AttentionView) -> nn.Module | None:
+        """The kernel ``view`` computes with (None: the family's own softmax attention)."""
+        return None
+
+    def install_kernel(self, view: AttentionView, kernel: nn.Module | None) -> None:
+        """Family hook: make ``view`` compute with ``kernel`` (None: its own softmax attention again)."""
+        from compress.errors import DitCompressError
+
+        raise DitCompressError(f"the {self.family} adapter does not expose its attention computation; its attention "
+                               f"cannot be replaced.")
+
+    def _kernel_target(self, view: AttentionView, kernel: nn.Module) -> None:
+        from compress.errors import DitCompressError
+        from compress.nn.attention import AttentionKernel
+
+        if view.kind == "cross":
+            raise DitCompressError(f"{view.path}: cross-attention keeps its softmax attention (its keys are the text "
+                                   f"tokens: its cost is already linear in image tokens).")
+        if not isinstance(kernel, AttentionKernel):
+            raise TypeError(f"{type(kernel).__name__} is not an attention kernel (compress.nn.attention)")
+        if (kernel.heads, kernel.head_dim, kernel.image) != (view.heads, view.head_dim, view.image_tokens):
+            raise ValueError(f"{view.path}: has {view.heads} heads of {view.head_dim} (image tokens: "
+                             f"{view.image_tokens}); the kernel was built for {kernel.heads} of {kernel.head_dim} "
+                             f"({kernel.image})")
+
+    def set_attention_kernel(self, view: AttentionView, kernel: nn.Module) -> None:
+        """Replace ``view``'s softmax attention by ``kernel`` (its projections stay); recorded for replay."""
+        from compress.nn import module_spec
+
+        self._kernel_target(view, kernel)
+        self.install_kernel(view, kernel)
+        record_edit(self.model, {"op": "attention", "path": view.path, "spec": module_spec(kernel)})
+
+    @contextlib.contextmanager
+    def trial_attention_kernel(self, view: AttentionView, kernel: nn.Module) -> Iterator[None]:
+        """``view`` computes with ``kernel`` inside the block only (not recorded): for measuring sensitivity."""
+        self._kernel_target(view, kernel)
+        previous = self.attention_kernel(view)
+        self.install_kernel(view, kernel)
+        try:
+            yield
+        finally:
+            self.install_kernel(view, previous)
+
     def conditioning_embedders(self) -> list[tuple[str, int]]:
         """(path, width) of the modules whose output is the (batch, width) conditioning vector every block's
         adaLN reads (the timestep embedder, or the combined timestep + label / pooled-text embedder)."""
@@ -214,6 +280,8 @@ class ModelAdapter:
                     if not isinstance(self.model.get_submodule(e["path"]), nn.Module) or not e["spec"].get("wraps"):
                         raise AttributeError(f"{e['path']}: a 'wrap' edit needs a wrapper module type")
                     self.wrap(e["path"], build_module(e["spec"]))
+                elif e["op"] == "attention":
+                    self.set_attention_kernel(self.attention_view(e["path"]), build_module(e["spec"]))
                 elif e["op"] == "set_attr":
                     target = self.model.get_submodule(e["path"]) if e["path"] else self.model
                     old = getattr(target, e["name"], None)
@@ -223,7 +291,7 @@ class ModelAdapter:
                     self.set_attr(e["path"], e["name"], e["value"])
                 else:
                     raise ValueError(f"unknown edit operation {e['op']!r}")
-            except (KeyError, IndexError, AttributeError, TypeError, ValueError) as err:
+            except (KeyError, IndexError, AttributeError, TypeError, ValueError, DitCompressError) as err:
                 msg = err.args[0] if isinstance(err, KeyError) and err.args else err
                 raise DitCompressError(f"{what}: {msg}; the manifest does not describe this model.") from None
 
@@ -268,7 +336,7 @@ class ModelAdapter:
         ``t`` is in [0, 1000] for every family; it is the current timestep (``compress.nn.timestep``) for
         the layers of this call.
         """
-        with denoiser_call(t, cond.get(GUIDANCE_INPUT)):
+        with denoiser_call(t, cond.get(GUIDANCE_INPUT), self.token_grid(tuple(x.shape[1:]))):
             return self.denoise(x, t, cond)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:

@@ -33,11 +33,12 @@ def _is_instance(model: nn.Module, class_name: str) -> bool:
     return cls is not None and isinstance(model, cls)
 
 
-def _attention(path: str, a: nn.Module, kind: str = "self") -> AttentionView:
+def _attention(path: str, a: nn.Module, kind: str = "self", image_tokens: str = "all") -> AttentionView:
     """View of a diffusers ``Attention``/``FluxAttention``; joint if it has context projections.
 
     ``heads`` is read from the module (the processors split heads with ``attn.heads``), ``head_dim`` from
     ``FluxAttention.head_dim`` or ``inner_dim // heads`` (diffusers ``Attention`` keeps no head_dim).
+    ``image_tokens``: where the processor puts the image tokens in the joint sequence (SD3: first, Flux: last).
     """
     head_dim = getattr(a, "head_dim", None) or a.inner_dim // a.heads
     to_out = getattr(a, "to_out", None)  # None for Flux single blocks (pre_only)
@@ -46,7 +47,29 @@ def _attention(path: str, a: nn.Module, kind: str = "self") -> AttentionView:
         path, a, a.heads, head_dim, q=a.to_q, k=a.to_k, v=a.to_v, out=to_out[0] if to_out is not None else None,
         context_q=ctx_q, context_k=getattr(a, "add_k_proj", None), context_v=getattr(a, "add_v_proj", None),
         context_out=getattr(a, "to_add_out", None), kind="joint" if ctx_q is not None else kind,
+        image_tokens=image_tokens,
     )
+
+
+class KernelAttnProcessor(nn.Module):
+    """A diffusers attention processor that runs the attention's own processor with its softmax attention
+    computed by ``kernel`` (a ``compress.nn.attention`` kernel).
+
+    The family's processor keeps everything else (projections, QK norms, RoPE, the order in which it joins
+    the text and image streams, output projections), so one processor serves every family. An ``nn.Module``
+    (as diffusers' IP-Adapter processors are), so the kernel's weights are part of the model's state.
+    """
+
+    def __init__(self, kernel: nn.Module, original, where: str):
+        super().__init__()
+        self.kernel, self.original, self.where = kernel, original, where
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *args, **kwargs):
+        from compress.nn.attention import routed_attention
+
+        with routed_attention(self.kernel, self.where):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
 
 def _activation(act: nn.Module) -> str | None:
@@ -183,6 +206,21 @@ class _DiffusersAdapter(ModelAdapter):
         """Keep ``config.num_layers`` equal to the block count, so configs saved later describe the model."""
         self.model.register_to_config(num_layers=len(self.model.transformer_blocks))
 
+    def token_grid(self, latent_shape: tuple[int, ...]) -> tuple[int, int]:
+        p = self.model.config.patch_size
+        return latent_shape[-2] // p, latent_shape[-1] // p
+
+    def attention_kernel(self, view: AttentionView) -> nn.Module | None:
+        proc = view.module.processor
+        return proc.kernel if isinstance(proc, KernelAttnProcessor) else None
+
+    def install_kernel(self, view: AttentionView, kernel: nn.Module | None) -> None:
+        """Through the attention processor: the family's own processor, with its SDPA call routed to ``kernel``."""
+        attn = view.module
+        proc = attn.processor
+        original = proc.original if isinstance(proc, KernelAttnProcessor) else proc
+        attn.set_processor(original if kernel is None else KernelAttnProcessor(kernel, original, view.path))
+
     @staticmethod
     def _text(name: str, *shape: int) -> ConditionSpec:
         return ConditionSpec(name=name, kind="embedding", shape=list(shape), null="zeros")
@@ -282,7 +320,7 @@ class SD3Adapter(_DiffusersAdapter):
     class_name = "SD3Transformer2DModel"
 
     def block_view(self, kind: str, index: int, path: str, block: nn.Module) -> BlockView:
-        attns = [_attention(f"{path}.attn", block.attn)]
+        attns = [_attention(f"{path}.attn", block.attn, image_tokens="first")]  # JointAttnProcessor2_0: [image | text]
         if block.attn2 is not None:
             attns.append(_attention(f"{path}.attn2", block.attn2))
         mlps = _feed_forward(f"{path}.ff", block.ff)
@@ -344,24 +382,29 @@ class FluxAdapter(_DiffusersAdapter):
 
     def block_view(self, kind: str, index: int, path: str, block: nn.Module) -> BlockView:
         if kind == "joint":
-            return BlockView(
-                kind, index, path, block, attentions=[_attention(f"{path}.attn", block.attn)],
+            return BlockView(  # FluxAttnProcessor joins the streams as [text | image]
+                kind, index, path, block, attentions=[_attention(f"{path}.attn", block.attn, image_tokens="last")],
                 mlps=_feed_forward(f"{path}.ff", block.ff) + _feed_forward(f"{path}.ff_context", block.ff_context),
                 modulation=_modulation(block),
             )
         # Single block: proj_out reads [attn | mlp], so the MLP's columns start after the attention output. After
-        # the moe pass proj_mlp holds routed experts that project their own output: no dense MLP view then.
+        # the moe pass proj_mlp holds routed experts that project their own output: no dense MLP view then. Its
+        # attention sees the [text | image] sequence the block concatenated: joint attention in one stream.
         mlps = []
         if not isinstance(block.proj_mlp, MoEFeedForward):
             hidden = block.proj_mlp.out_features
             mlps.append(MLPView(path, block.proj_mlp, block.proj_out, hidden, activation=_activation(block.act_mlp),
                                 fc_out_offset=block.proj_out.in_features - hidden, act_path=f"{path}.act_mlp"))
-        return BlockView(kind, index, path, block, attentions=[_attention(f"{path}.attn", block.attn)],
-                         mlps=mlps, modulation=_modulation(block))
+        attn = _attention(f"{path}.attn", block.attn, kind="joint", image_tokens="last")
+        return BlockView(kind, index, path, block, attentions=[attn], mlps=mlps, modulation=_modulation(block))
 
     def after_structure_change(self) -> None:
         m = self.model
         m.register_to_config(num_layers=len(m.transformer_blocks), num_single_layers=len(m.single_transformer_blocks))
+
+    def token_grid(self, latent_shape: tuple[int, ...]) -> tuple[int, int]:
+        side = math.isqrt(latent_shape[0])  # packed (tokens, channels): a square grid (see denoise)
+        return side, side
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         cond = _text_cond(cond, x)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch import nn
 
 from compress.models.adapters.base import AttentionView, BlockView, Cond, MLPView, ModelAdapter, register_adapter
 from compress.models.contract import ConditionSpec
@@ -86,6 +87,17 @@ class NativeDiTAdapter(ModelAdapter):
             mlps=mlps,
             modulation=[block.adaLN_modulation[1]],
         )
+
+    def token_grid(self, latent_shape: tuple[int, ...]) -> tuple[int, int]:
+        p = self.model.config.patch_size
+        return latent_shape[-2] // p, latent_shape[-1] // p
+
+    def attention_kernel(self, view: AttentionView) -> nn.Module | None:
+        return view.module.kernel
+
+    def install_kernel(self, view: AttentionView, kernel: nn.Module | None) -> None:
+        """``Attention.kernel``: the computation between ``qkv`` and ``proj`` (None: SDPA)."""
+        view.module.kernel = kernel
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         out = self.model(x, t, cond["y"])
