@@ -117,9 +117,10 @@ def nncf_quantize(graph, model: nn.Module, calibration=None, batch: int = 4):
     """NNCF's post-training INT8 (TRANSFORMER preset) of ``graph``, calibrated on ``model``'s trajectories."""
     import nncf
 
-    from compress.passes import PassContext
+    from compress.calibration import CalibrationConfig, record_trajectories
+    from compress.context import RunContext
 
-    rows = PassContext.for_model(model, calibration, show_progress=False).calibration.rows()
+    rows = record_trajectories(model, calibration or CalibrationConfig(), RunContext(show_progress=False))
     names = [i.get_any_name() for i in graph.inputs]
     data = [numpy_feeds(names, graph_inputs(x, t, cond, names[2:])) for x, t, cond in rows.batches(batch)]
     return nncf.quantize(graph, nncf.Dataset(data), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(data))

@@ -68,7 +68,7 @@ def test_family_specific_views(family):
         assert [b.path for b in single] == ["single_transformer_blocks.0", "single_transformer_blocks.1"]
         assert joint[0].attentions[0].kind == "joint" and len(joint[0].mlps) == 2
         sa, sm = single[0].attentions[0], single[0].mlps[0]
-        assert sa.out is None and sa.kind == "self"
+        assert sa.out is None and sa.kind == "joint" and sa.image_tokens == "last"  # one [text | image] stream
         assert sm.fc_out_offset == adapter.hidden_size and sm.fc_out is single[0].module.proj_out
         assert adapter.latent_shape == (16, 4)
 
