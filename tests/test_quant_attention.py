@@ -96,3 +96,15 @@ def test_attention_exclude_pattern_matching_nothing_names_the_field(tiny_native)
 def test_attention_exclude_leaves_that_attention_in_float(tiny_native):
     q = apply_recipe(tiny_native, recipe(attention={"exclude": ["blocks.0.attn"]}), show_progress=False)
     assert "blocks.0.attn.kernel" not in kernels(q) and "blocks.1.attn.kernel" in kernels(q)
+
+
+def test_second_reference_loads_by_name_with_64_tokens_and_quantizes_its_attention():
+    from compress.sources import load_model
+
+    model = load_model("reference-p1")  # digits at patch size 1: attention over 64 tokens
+    ad = get_adapter(model)
+    assert ad.token_grid(tuple(ad.latent_shape)) == (8, 8) and ad.depth == 8
+    q = apply_recipe(model, recipe(), show_progress=False)
+    assert len(kernels(q)) == 8
+    err = rel_err(outputs(q), outputs(model))
+    assert 0 < err < 1e-3, err

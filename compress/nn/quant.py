@@ -68,7 +68,8 @@ def reused(layer: nn.Module, name: str, make, *stored: torch.Tensor | None) -> t
     if (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
             or torch.jit.is_tracing() or isinstance(stored[0], FakeTensor)):
         return make()
-    key = tuple((t.data_ptr(), t._version, t.device) for t in stored if t is not None)
+    key = [t._version for t in stored if t is not None]
+    key.append(stored[0].data_ptr())  # a move to another device or a new tensor is a new key
     cached = layer.__dict__.get(f"_reused_{name}")
     if cached is None or cached[0] != key:
         cached = (key, make())
@@ -119,8 +120,10 @@ class WeightOnlyLinear(nn.Module):
         return (qg * self.scale[..., None]).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = reused(self, "weight", self.dequantized_weight, self.qweight, self.scale, self.zero)
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        w, b = reused(self, "weight", self.dequantized_weight, self.qweight, self.scale, self.zero), self.bias
+        if w.dtype != x.dtype:
+            w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+        return F.linear(x, w, b)
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, bits={self.bits}, group_size={self.group_size}, "
