@@ -108,3 +108,16 @@ def test_second_reference_loads_by_name_with_64_tokens_and_quantizes_its_attenti
     assert len(kernels(q)) == 8
     err = rel_err(outputs(q), outputs(model))
     assert 0 < err < 1e-3, err
+
+
+def test_pruning_after_quantization_is_refused_naming_the_layer(tiny_native):
+    prune = parse_recipe({"name": "p", "description": "p", "passes": [{"pass": "prune_width", "heads": 0.25}]})
+    q = apply_recipe(tiny_native, recipe(), show_progress=False)
+    with pytest.raises(DitCompressError, match=r"blocks\.0\.attn\.qkv is already quantized.*prune width first"):
+        apply_recipe(q, prune, show_progress=False)
+    ad = get_adapter(tiny_native)  # an attention kernel alone (float Linears) is refused too
+    view = ad.blocks()[0].attentions[0]
+    ad.set_attention_kernel(view, QuantAttention(view.heads, view.head_dim, (4, 4)))
+    with pytest.raises(DitCompressError, match=r"blocks\.0\.attn computes with a replaced attention kernel.*prune "
+                                               r"heads first"):
+        apply_recipe(tiny_native, prune, show_progress=False)

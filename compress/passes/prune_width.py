@@ -239,7 +239,18 @@ def apply_prune_width(model: nn.Module, config: PruneWidthConfig, ctx: PassConte
     if any(isinstance(m, MoEFeedForward) for m in model.modules()):
         raise DitCompressError("pass 'prune_width': the model's MLPs are routed experts (a 'moe' pass ran before); "
                                "prune width first, then convert to MoE.")
+    from compress.nn.quant import QuantLinear, WeightOnlyLinear
+
+    quantized = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, WeightOnlyLinear))]
+    if quantized:
+        raise DitCompressError(f"pass 'prune_width': {quantized[0]} is already quantized (a 'quantize' pass ran "
+                               f"before); prune width first, then quantize.")
     adapter = get_adapter(model)
+    kernels = [a.path for b in adapter.blocks() for a in b.attentions if adapter.attention_kernel(a) is not None]
+    if kernels and (config.heads or config.params):
+        raise DitCompressError(f"pass 'prune_width': {kernels[0]} computes with a replaced attention kernel (e.g. INT8 "
+                               f"attention from 'quantize'), built for its current heads; prune heads first, then "
+                               f"quantize (or set heads: 0 to prune MLP channels only).")
     units = _units(model)
     total = sum(p.numel() for p in model.parameters())
     if config.importance == "magnitude":
