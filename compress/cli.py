@@ -239,12 +239,11 @@ def export_openvino_cmd(source: str = typer.Argument(..., help="artifact dir or 
                                                                  "own trajectories")) -> None:
     """Convert to OpenVINO IR and validate the compiled CPU model; a failed validation leaves nothing behind."""
     from compress.io import ONNX_EXPORT, OPENVINO_EXPORT, check_output_path, kind_of
-    from exporters.openvino import QUANTIZERS, check_precision, export_openvino, require_openvino
+    from exporters.openvino import check_precision, check_quantizer_name, export_openvino, require_openvino
 
     require_openvino()
     check_precision(precision)
-    if quantizer is not None and quantizer not in QUANTIZERS:
-        raise DitCompressError(f"--quantizer {quantizer!r}: choose one of {', '.join(QUANTIZERS)}.")
+    check_quantizer_name(quantizer)
     if tolerance is not None and not 0 < tolerance < 1:
         raise DitCompressError(f"--tolerance {tolerance}: a relative error between 0 and 1.")
     check_output_path(out, (OPENVINO_EXPORT,), force)

@@ -93,12 +93,16 @@ def compiled_call(compiled, input_names: list[str], cond_keys: list[str]):
     return run
 
 
+def check_quantizer_name(quantizer: str | None) -> None:
+    if quantizer is not None and quantizer not in QUANTIZERS:
+        raise DitCompressError(f"--quantizer {quantizer!r}: choose one of {', '.join(QUANTIZERS)}.")
+
+
 def check_quantizer(quantizer: str | None, source) -> None:
     """``quantizer`` needs a float PyTorch model (it calibrates on the model's trajectories) and NNCF."""
+    check_quantizer_name(quantizer)
     if quantizer is None:
         return
-    if quantizer not in QUANTIZERS:
-        raise DitCompressError(f"quantizer {quantizer!r}: choose one of {', '.join(QUANTIZERS)}.")
     from exporters.onnx import _is_quantized
 
     if not isinstance(source, nn.Module):
@@ -193,7 +197,8 @@ def export_openvino(source: nn.Module | str | Path, out_dir: str | Path, *, prec
                                                                    ("opset", "qdq_layers", "qdq_activations", "log")},
                     "source": meta_in.get("source") or source_id, "recipe": meta_in.get("recipe"),
                     "params": meta_in.get("params"), "sampling": meta_in["sampling"], "validation": report,
-                    "quantizer": None if quantizer is None else {"name": quantizer, "version": _version(quantizer)},
+                    "quantizer": None if quantizer is None else {"name": quantizer,
+                                                                 "version": __import__(quantizer).__version__},
                     "seconds": round(time.perf_counter() - t0, 1)}
             write_marker(tmp, OPENVINO_EXPORT, meta)
     if console is not None:
@@ -201,10 +206,6 @@ def export_openvino(source: nn.Module | str | Path, out_dir: str | Path, *, prec
                       f"{report['max_rel_err']:.2e} vs {against} (tolerance {tol:.0e}) over {len(report['cases'])} "
                       f"cases")
     return out
-
-
-def _version(package: str) -> str:
-    return __import__(package).__version__
 
 
 class OpenVinoRunner(Runner):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.errors import DitCompressError
-from compress.nn.attention import AttentionKernel, QuantAttention
+from compress.nn.attention import AttentionKernel, QuantAttention, attention_8bit
 from compress.nn.quant import INT8_MAX, QuantLinear
 
 
@@ -82,12 +82,12 @@ class QDQAttention(AttentionKernel):
         import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 
         qd, s = torch.ops.quantized_decomposed, self.s
-        dtype = v.dtype
-        qq, kq, vq = (qdq_symmetric(x.float(), s[r], self.act_dtype) for x, r in ((q, "q"), (k, "k"), (v, "v")))
-        logits = (qq @ kq.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
-        p = qd.quantize_per_tensor.default(logits.softmax(-1), s["p"], 0, 0, 255, torch.uint8)
-        p = qd.dequantize_per_tensor.default(p, s["p"], 0, 0, 255, torch.uint8)
-        return (p @ vq).to(dtype)
+
+        def quant_prob(p: torch.Tensor) -> torch.Tensor:
+            pq = qd.quantize_per_tensor.default(p, s["p"], 0, 0, 255, torch.uint8)
+            return qd.dequantize_per_tensor.default(pq, s["p"], 0, 0, 255, torch.uint8)
+
+        return attention_8bit(q, k, v, scale, lambda x, r: qdq_symmetric(x, s[r], self.act_dtype), quant_prob)
 
 
 def lower_for_export(model: nn.Module, act_dtype: str = "uint8") -> tuple[nn.Module, int]:

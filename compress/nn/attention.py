@@ -89,6 +89,16 @@ def fake_quant_uint8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(x / scale), 0.0, UINT8_MAX) * scale
 
 
+def attention_8bit(q, k, v, scale: float | None, quant_sym, quant_prob) -> torch.Tensor:
+    """``QuantAttention``'s arithmetic with its quantizers given: ``quant_sym(x, role)`` for q, k, v (roles "q",
+    "k", "v") and ``quant_prob(p)`` for the softmax probabilities. Fake quantization in PyTorch, QuantizeLinear /
+    DequantizeLinear ops when exported (``exporters.qdq.QDQAttention``): one computation for both."""
+    dtype = v.dtype
+    qq, kq, vq = (quant_sym(x.float(), r) for x, r in ((q, "q"), (k, "k"), (v, "v")))
+    logits = (qq @ kq.transpose(-2, -1)) * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    return (quant_prob(logits.softmax(-1)) @ vq).to(dtype)
+
+
 class QuantAttention(AttentionKernel):
     """Softmax attention with 8-bit inputs to both batched matmuls:
 
@@ -114,11 +124,8 @@ class QuantAttention(AttentionKernel):
     def attend(self, q, k, v, scale, scales: dict[str, torch.Tensor] | None = None):
         """``scales`` overrides the stored ones (the calibration's clipping search)."""
         s = scales or self.scales()
-        dtype = v.dtype
-        qq, kq, vq = (fake_quant_int8(x.float(), s[r]) for x, r in ((q, "q"), (k, "k"), (v, "v")))
-        logits = (qq @ kq.transpose(-2, -1)) * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
-        p = fake_quant_uint8(logits.softmax(-1), s["p"])
-        return (p @ vq).to(dtype)
+        return attention_8bit(q, k, v, scale, lambda x, r: fake_quant_int8(x, s[r]),
+                              lambda p: fake_quant_uint8(p, s["p"]))
 
     def set_scales(self, amax: dict[str, float]) -> None:
         """Scales from calibrated ranges: |q|, |k|, |v| maxima onto +-127, the probabilities' maximum onto 255."""

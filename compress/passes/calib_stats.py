@@ -42,7 +42,6 @@ class InputStats:
 def collect_input_stats(model: nn.Module, names: list[str], calib: CalibrationSet, *, max_rows: int = 512,
                         batch_size: int = 64, seed: int = 0, progress=None) -> InputStats:
     """Run ``calib`` through ``model`` and summarise the inputs of each layer in ``names``."""
-    adapter = get_adapter(model)
     step_ids = sorted(set(calib.step.tolist()))
     pos = {s: i for i, s in enumerate(step_ids)}
     batches = step_batches(calib, batch_size)
@@ -67,12 +66,8 @@ def collect_input_stats(model: nn.Module, names: list[str], calib: CalibrationSe
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
     try:
-        for b in batches:
+        for b in run_batches(model, calib, batches, progress):
             current["step"] = pos[int(calib.step[b[0]])]
-            x = calib.x[b].to(next(model.parameters()).device)
-            adapter.forward(x, calib.t[b].to(x.device), slice_cond(calib.cond, b))
-            if progress:
-                progress()
     finally:
         for h in handles:
             h.remove()
@@ -84,6 +79,19 @@ def collect_input_stats(model: nn.Module, names: list[str], calib: CalibrationSe
             r, rs = r[keep], rs[keep]
         out[n] = LayerInputStats(absmax[n], r, rs)
     return InputStats(step_ids, step_t, out)
+
+
+def run_batches(model: nn.Module, calib: CalibrationSet, batches: list[torch.Tensor], progress=None):
+    """Run each batch of ``calib`` rows through ``model``'s denoiser; yields the batch's indices just before its
+    forward (so a caller can set per-batch state its hooks read), then calls ``progress``."""
+    adapter = get_adapter(model)
+    device = next(model.parameters()).device
+    for b in batches:
+        yield b
+        x = calib.x[b].to(device)
+        adapter.forward(x, calib.t[b].to(device), slice_cond(calib.cond, b))
+        if progress:
+            progress()
 
 
 def step_batches(calib: CalibrationSet, batch_size: int) -> list[torch.Tensor]:
@@ -168,11 +176,8 @@ def collect_attention_stats(model: nn.Module, paths: list[str], calib: Calibrati
     with contextlib.ExitStack() as stack:
         for view, kernel in zip(views, kernels):
             stack.enter_context(adapter.trial_attention_kernel(view, kernel))
-        for b in batches:
-            x = calib.x[b].to(next(model.parameters()).device)
-            adapter.forward(x, calib.t[b].to(x.device), slice_cond(calib.cond, b))
-            if progress:
-                progress()
+        for _ in run_batches(model, calib, batches, progress):
+            pass
     out = {}
     for path, kernel in zip(paths, kernels):
         q, k, v = (torch.cat(parts) for parts in zip(*kernel.kept))

@@ -25,7 +25,7 @@ from compress.errors import DitCompressError
 from compress.models.adapters import get_adapter
 from compress.calibration import CalibrationConfig
 from compress.nn.quant import ACT_FORMATS, QuantLinear, WeightOnlyLinear
-from compress.passes.base import LayerSelection, PassConfig, PassContext, register_pass, select_block_linears
+from compress.passes.base import LayerSelection, PassConfig, PassContext, _match, register_pass, select_block_linears
 from compress.passes.calib_stats import activation_salience, collect_input_stats, step_batches
 
 
@@ -111,7 +111,8 @@ class AttentionQuant(BaseModel):
     samples: int = Field(32, ge=1, le=4096,
                          description="(image, head) slices of q/k/v kept per attention for the clipping search.")
     exclude: list[str] = Field(default_factory=list,
-                               description="Attention paths to leave in float (fnmatch globs, e.g. 'blocks.0.attn').")
+                               description="Attention paths to leave in float (fnmatch globs like 'blocks.0.attn', or "
+                                           "'re:<regex>', as layer patterns).")
 
 
 class LowRank(BaseModel):
@@ -188,16 +189,14 @@ def apply_quantize(model: nn.Module, config: QuantizeConfig, ctx: PassContext) -
 
 def _attention_paths(model: nn.Module, cfg: AttentionQuant) -> list[str]:
     """Self / joint attentions still computing float softmax attention, minus ``cfg.exclude``."""
-    import fnmatch
-
     adapter = get_adapter(model)
     views = [a for b in adapter.blocks() for a in b.attentions if a.kind != "cross"]
     for p in cfg.exclude:
-        if not any(fnmatch.fnmatchcase(v.path, p) for v in views):
+        if not any(_match(v.path, p) for v in views):
             raise DitCompressError(f"pass 'quantize', field 'attention.exclude': pattern {p!r} matches no self or joint "
                                    f"attention (e.g. {', '.join(v.path for v in views[:3])}).")
     return [v.path for v in views if adapter.attention_kernel(v) is None
-            and not any(fnmatch.fnmatchcase(v.path, p) for p in cfg.exclude)]
+            and not any(_match(v.path, p) for p in cfg.exclude)]
 
 
 def _attention_error(kernel, st, scales: dict[str, torch.Tensor], ref: torch.Tensor) -> float:
