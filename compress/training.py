@@ -392,9 +392,11 @@ class Trainer:
     def before_step(self, step: int) -> None:
         """Runs before each step (temperature annealing, mask sampling)."""
 
-    def losses(self, out_s: torch.Tensor, out_t: torch.Tensor, target: torch.Tensor, n_traj: int,
+    def losses(self, out_s: torch.Tensor, out_t: torch.Tensor | None, target: torch.Tensor, n_traj: int,
                features: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The named loss terms of one KD step (weighted by ``cfg.loss``): output KD, feature KD, diffusion."""
+        """The named loss terms of one KD step (weighted by ``cfg.loss``): output KD, feature KD, diffusion.
+
+        ``out_t`` is None when neither output nor feature KD is weighted (the teacher did not run)."""
         w = self.cfg.loss
         zero = out_s.new_zeros(())
         return {"output": F.mse_loss(out_s, out_t) if w.output else zero,
@@ -429,8 +431,10 @@ class Trainer:
         x, t, cond, target, n_traj = self.batches.draw(cfg.batch_size, self.gen)
         x, t = x.to(device), t.to(device)
         cond = {k: v.to(device) for k, v in cond.items()}
-        with torch.no_grad():
-            out_t = self.teacher_adapter.forward(x, t, cond)
+        out_t = None  # the teacher runs only for the losses that read it (output KD, feature KD)
+        if cfg.loss.output or self.hooks_t is not None:
+            with torch.no_grad():
+                out_t = self.teacher_adapter.forward(x, t, cond)
         out_s = self.model(x, t, cond)
         pairs = [(self.hooks_s.outputs[(k, i)], self.hooks_t.outputs[(k, o)])
                  for k, origin in self.origins.items() for i, o in enumerate(origin)] if self.hooks_s else []

@@ -380,7 +380,7 @@ RECIPE_CASES = [
     ("too many passes", {**GOOD, "passes": [{"pass": "quantize"}] * 101}, "field 'passes'"),
     ("nan value", "name: x\ndescription: y\npasses: [{pass: distill, lr: .nan}]\n", "not plain numbers"),
     ("tabs", "name: x\n\tdescription: y\n", "line 2"),
-    ("unknown pass", {**GOOD, "passes": [{"pass": "quantise"}]}, "known passes: cache, distill, moe,"),
+    ("unknown pass", {**GOOD, "passes": [{"pass": "quantise"}]}, "known passes: cache, distill, linear_attention, moe,"),
     ("cuda device", {**GOOD, "defaults": {"device": "cuda"}}, "no CUDA device"),
     ("second quantize does nothing", {**GOOD, "passes": [{"pass": "quantize"}, {"pass": "quantize"}]},
      "pass #2 'quantize' has nothing to do"),

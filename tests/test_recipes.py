@@ -45,7 +45,7 @@ BROKEN = [
     (with_(("passes",), {"pass": "quantize"}), "field 'passes': Input should be a valid array"),
     (with_(("passes",), ["quantize"]), "pass #1"),
     (with_(("passes",), [{"weights": {"dtype": "int8"}}]), "pass #1: missing 'pass:' key"),
-    (with_(("passes",), [{"pass": "quantise"}]), "pass #1 ('quantise'): unknown pass 'quantise'; known passes: cache, distill, moe, prune_depth, prune_width, quantize"),
+    (with_(("passes",), [{"pass": "quantise"}]), "pass #1 ('quantise'): unknown pass 'quantise'; known passes: cache, distill, linear_attention, moe, prune_depth, prune_width, quantize"),
     (with_((*Q, "bitz"), 8), "pass #1 ('quantize'), field 'bitz': unknown field"),
     (with_(("author",), "me"), "field 'author': unknown field"),
     (with_((*Q, "weights", "dtype"), 16), "pass #1 ('quantize'), field 'weights.dtype'"),

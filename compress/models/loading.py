@@ -33,11 +33,13 @@ from compress.models.weights import first_line, load_state_dict_strict, read_sta
 # width has the same head count, so these widths are unambiguous).
 _HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}
 # Real-size diffusers architectures for speed work (random weights; latency does not depend on values).
+# PixArt-XL/2 at 256 / 512 / 1024 / 2048 px: 256 / 1,024 / 4,096 / 16,384 image tokens (the latent is px / 8).
 DIFFUSERS_PRESETS = {
-    "PixArt-XL/2-256": ("PixArtTransformer2DModel", dict(
-        num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, sample_size=32,
-        patch_size=2, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
-        num_embeds_ada_norm=1000, use_additional_conditions=False)),
+    f"PixArt-XL/2-{px}": ("PixArtTransformer2DModel", dict(
+        num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
+        sample_size=px // 8, patch_size=2, cross_attention_dim=1152, caption_channels=4096,
+        norm_type="ada_norm_single", num_embeds_ada_norm=1000, use_additional_conditions=False))
+    for px in (256, 512, 1024, 2048)
 }
 
 

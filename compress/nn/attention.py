@@ -10,6 +10,12 @@ families keep their own attention processor, whose softmax attention call is rou
 - ``QuantAttention``: softmax attention whose two batched matmuls (q k^T and p v) take 8-bit inputs, the
   form CPU INT8 runtimes (OpenVINO, ONNX Runtime) execute as integer matmuls when the exported graph
   quantizes both operands (``exporters.qdq``).
+- ``LinearAttention`` (SANA / LiT's ReLU kernel, or Katharopoulos et al.'s ELU+1):
+  ``phi(q) (phi(k)^T v) / (phi(q) sum_j phi(k_j))``, O(L d^2) instead of O(L^2 d), plus LiT's depthwise
+  convolution of the values over the 2-D image-token grid (zero-initialised, so the kernel starts as
+  plain linear attention). It exports as MatMul / Relu (or Elu) / ReduceSum / Conv: no L x L matrix.
+- ``WindowAttention`` (CLEAR's local attention, with a square window): softmax attention of every image
+  token over its ``window x window`` neighbourhood, computed tile by tile, O(L window^2 d).
 
 Kernels know where the image tokens sit in the sequence (``image``: all of it; first, as SD3 concatenates
 [image | text]; last, as Flux concatenates [text | image]) and on which grid (the one the adapter
@@ -32,8 +38,10 @@ from compress.nn.quant import INT8_MAX, fake_quant_int8
 from compress.nn.registry import replayable
 from compress.nn.timestep import current_grid
 
+FEATURES = ("relu", "elu")
 LAYOUTS = ("all", "first", "last")
-_MAX = 1 << 16  # bound on heads, head_dim and grid sides read from an (untrusted) artifact spec
+_EPS = 1e-6  # added to the linear-attention normaliser (0 only where every feature of a query is 0)
+_MAX = 1 << 16  # bound on heads, head_dim, grid sides and window read from an (untrusted) artifact spec
 UINT8_MAX = 255.0
 
 
@@ -138,6 +146,142 @@ replayable(
     lambda m: {"heads": m.heads, "head_dim": m.head_dim, "grid": list(m.grid), "image": m.image},
     lambda s: QuantAttention(**s),
 )(QuantAttention)
+
+
+class LinearAttention(AttentionKernel):
+    """ReLU (SANA, LiT) or ELU+1 linear attention, with LiT's depthwise convolution on the values.
+
+    ``conv`` is the odd kernel size of the depthwise convolution over the image-token grid (0: none); its
+    output is added to the attention output of the image tokens. It starts at zero, so the kernel begins
+    exactly as linear attention on the source's projections. Computed in float32 whatever the model's
+    dtype (the normaliser is a sum over every token).
+    """
+
+    def __init__(self, heads: int, head_dim: int, grid, image: str = "all", feature: str = "relu", conv: int = 3):
+        super().__init__(heads, head_dim, grid, image)
+        if feature not in FEATURES:
+            raise ValueError(f"feature must be one of {', '.join(FEATURES)}, got {feature!r}")
+        _check_int("conv", conv, 0, 31)
+        if conv and conv % 2 == 0:
+            raise ValueError(f"conv must be odd (a centred kernel) or 0, got {conv}")
+        self.feature, self.conv = feature, conv
+        channels = heads * head_dim
+        self.dwc = nn.Conv2d(channels, channels, conv, padding=conv // 2, groups=channels, bias=False) if conv else None
+        if self.dwc is not None:
+            nn.init.zeros_(self.dwc.weight)
+
+    def phi(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x) if self.feature == "relu" else F.elu(x) + 1
+
+    def attend(self, q, k, v, scale):
+        dtype = v.dtype
+        v = v.float()
+        fk = self.phi(k.float())
+        kv = fk.transpose(-2, -1) @ v  # (B, H, d, d): the only token sum, linear in L
+        z = fk.sum(dim=-2, keepdim=True).transpose(-2, -1)  # (B, H, d, 1)
+        del fk  # token-sized temporaries are freed as soon as they are used (peak memory at long sequences)
+        fq = self.phi(q.float())
+        out = (fq @ kv) / (fq @ z + _EPS)
+        del fq
+        if self.dwc is not None:
+            out = out + self.conv_values(v)
+        return out.to(dtype)
+
+    def conv_values(self, v: torch.Tensor) -> torch.Tensor:
+        """The depthwise convolution of the image tokens' values on their grid; zeros at other tokens."""
+        b, h, length, d = v.shape
+        start, rows, cols = self.image_tokens(length)
+        img = v[:, :, start:start + rows * cols]
+        grid = img.permute(0, 1, 3, 2).reshape(b, h * d, rows, cols)
+        out = self.dwc(grid.to(self.dwc.weight.dtype)).to(v.dtype)
+        out = out.reshape(b, h, d, rows * cols).permute(0, 1, 3, 2)
+        if rows * cols == length:
+            return out
+        before, after = v.new_zeros(b, h, start, d), v.new_zeros(b, h, length - start - rows * cols, d)
+        return torch.cat([before, out, after], dim=2)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, feature={self.feature}, conv={self.conv}"
+
+
+class WindowAttention(AttentionKernel):
+    """Softmax attention of each image token over the ``window x window`` tokens around it (CLEAR, square).
+
+    The grid is cut into ``window x window`` tiles; a tile's queries attend to the tile and a halo of
+    ``window // 2`` tokens around it (one SDPA call over every tile at once) under a fixed mask that keeps
+    each query's own window and drops tokens outside the grid. Every query keeps at least itself.
+    Image-only sequences (``image: all``): which text tokens a local window should see is not defined.
+    """
+
+    def __init__(self, heads: int, head_dim: int, grid, image: str = "all", window: int = 7):
+        super().__init__(heads, head_dim, grid, image)
+        _check_int("window", window, 1)
+        if window % 2 == 0:
+            raise ValueError(f"window must be odd (centred on its query), got {window}")
+        if image != "all":
+            raise ValueError("window attention needs an image-only sequence (image: all)")
+        if window > min(self.grid):
+            raise ValueError(f"window {window} is larger than the {self.grid[0]}x{self.grid[1]} token grid")
+        self.window = window
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def mask(self, rows: int, cols: int) -> torch.Tensor:
+        """(tiles, window^2, (window + 2r)^2) booleans: which halo tokens each query of a tile may attend to."""
+        if (rows, cols) not in self._masks:
+            t, r = self.window, self.window // 2
+            span = t + 2 * r
+            nh, nw = math.ceil(rows / t), math.ceil(cols / t)
+            ty, tx = torch.meshgrid(torch.arange(nh), torch.arange(nw), indexing="ij")
+            a = torch.arange(t)
+            c = torch.arange(span)
+            qy = ty.reshape(-1, 1, 1) * t + a.repeat_interleave(t).reshape(1, -1, 1)  # (tiles, t*t, 1)
+            qx = tx.reshape(-1, 1, 1) * t + a.repeat(t).reshape(1, -1, 1)
+            ky = ty.reshape(-1, 1, 1) * t - r + c.repeat_interleave(span).reshape(1, 1, -1)  # (tiles, 1, span^2)
+            kx = tx.reshape(-1, 1, 1) * t - r + c.repeat(span).reshape(1, 1, -1)
+            near = ((ky - qy).abs() <= r) & ((kx - qx).abs() <= r)
+            inside = (ky >= 0) & (ky < rows) & (kx >= 0) & (kx < cols)
+            padded_query = (qy >= rows) | (qx >= cols)  # cropped away later; any finite row will do
+            self._masks[(rows, cols)] = (near & inside) | padded_query
+        return self._masks[(rows, cols)]
+
+    def attend(self, q, k, v, scale):
+        b, h, length, d = q.shape
+        _, rows, cols = self.image_tokens(length)
+        t, r = self.window, self.window // 2
+        nh, nw = math.ceil(rows / t), math.ceil(cols / t)
+        pad_h, pad_w = nh * t - rows, nw * t - cols
+
+        def grid(x: torch.Tensor, halo: int) -> torch.Tensor:
+            x = x.reshape(b, h, rows, cols, d)
+            return F.pad(x, (0, 0, halo, pad_w + halo, halo, pad_h + halo))
+
+        qt = grid(q, 0).reshape(b, h, nh, t, nw, t, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, h, nh * nw, t * t, d)
+
+        def halo_tiles(x: torch.Tensor) -> torch.Tensor:
+            span = t + 2 * r
+            x = grid(x, r).unfold(2, span, t).unfold(3, span, t)  # (b, h, nh, nw, d, span, span)
+            return x.permute(0, 1, 2, 3, 5, 6, 4).reshape(b, h, nh * nw, span * span, d)
+
+        out = F.scaled_dot_product_attention(qt, halo_tiles(k), halo_tiles(v), attn_mask=self.mask(rows, cols).to(
+            q.device), scale=scale)
+        out = out.reshape(b, h, nh, nw, t, t, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, h, nh * t, nw * t, d)
+        return out[:, :, :rows, :cols].reshape(b, h, rows * cols, d)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, window={self.window}"
+
+
+replayable(
+    "linear_attention",
+    lambda m: {"heads": m.heads, "head_dim": m.head_dim, "grid": list(m.grid), "image": m.image,
+               "feature": m.feature, "conv": m.conv},
+    lambda s: LinearAttention(**s),
+)(LinearAttention)
+replayable(
+    "window_attention",
+    lambda m: {"heads": m.heads, "head_dim": m.head_dim, "grid": list(m.grid), "image": m.image, "window": m.window},
+    lambda s: WindowAttention(**s),
+)(WindowAttention)
 
 
 class _Route(TorchFunctionMode):

@@ -2,7 +2,8 @@
 
 from compress.calibration import CalibrationConfig, CalibrationSet, CalibrationSource
 from compress.passes.base import PASSES, LayerSelection, PassConfig, PassContext, PassSpec, register_pass
-from compress.passes import cache, distill, moe, prune_depth, prune_width, quantize  # noqa: F401  (registers)
+from compress.passes import (  # noqa: F401  (registers)
+    cache, distill, linear_attention, moe, prune_depth, prune_width, quantize)
 
 __all__ = ["PASSES", "CalibrationConfig", "CalibrationSet", "CalibrationSource", "LayerSelection", "PassConfig",
            "PassContext", "PassSpec", "register_pass"]

@@ -20,8 +20,10 @@ Removing blocks leaves the model off its trajectory; follow the pass with ``dist
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+from collections.abc import Iterator
 from typing import ClassVar, Literal
 
 import torch
@@ -34,6 +36,7 @@ from compress.models.adapters import get_adapter
 from compress.models.adapters.base import block_hidden, block_identity_output
 from compress.calibration import CalibrationConfig, CalibrationSet
 from compress.passes.base import PassConfig, PassContext, register_pass
+from compress.passes.scoring import output_errors
 from compress.training import LossWeights, Trainer, TrainingConfig
 
 
@@ -162,22 +165,20 @@ def block_influence(model: nn.Module, rows: CalibrationSet, device: str = "cpu")
     return {k: v / count for k, v in sums.items()}
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def skipped(block: nn.Module) -> Iterator[None]:
+    """Inside the block, ``block`` returns its inputs (as if it were removed)."""
+    h = block.register_forward_hook(lambda _m, a, k, o: block_identity_output(a, k, o), with_kwargs=True)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
 def removal_error(model: nn.Module, rows: CalibrationSet, device: str = "cpu") -> dict[tuple[str, int], float]:
     """Relative output error of the model with each single block removed (skipped)."""
-    adapter = get_adapter(model)
-    batches = [(x.to(device), t.to(device), {k: v.to(device) for k, v in c.items()}) for x, t, c in rows.batches(64)]
-    ref = [adapter.forward(*b) for b in batches]
-    power = sum(float(r.pow(2).sum()) for r in ref)
-    out = {}
-    for blk in adapter.blocks():
-        h = blk.module.register_forward_hook(lambda _m, a, k, o: block_identity_output(a, k, o), with_kwargs=True)
-        try:
-            err = sum(float((adapter.forward(*b) - r).pow(2).sum()) for b, r in zip(batches, ref))
-        finally:
-            h.remove()
-        out[(blk.kind, blk.index)] = err / max(power, 1e-12)
-    return out
+    changes = {(b.kind, b.index): (lambda m=b.module: skipped(m)) for b in get_adapter(model).blocks()}
+    return output_errors(model, rows, changes, device)
 
 
 def _groups(n: int, keep: int, size: int) -> list[tuple[list[int], int]]:

@@ -1,0 +1,254 @@
+"""Linear-attention students: quality on the 64-token reference, the pass on every bundled model, and speed
+against tokens on a PixArt-XL/2-sized model (PyTorch and ONNX Runtime).
+
+    python -m benchmarks.linear_attention --part train --variant linear-attention          # one student
+    python -m benchmarks.linear_attention --part train --variant linear-attention-hybrid   # (run both at once)
+    python -m benchmarks.linear_attention --part quality --samples 1000   # both students + composite vs source
+    python -m benchmarks.linear_attention --part matrix                   # reference, reference-p1, DiT-B/2
+    python -m benchmarks.linear_attention --part speed                    # PixArt-XL/2: 1k / 4k / 16k tokens
+
+``train`` applies a bundled recipe, as shipped, to ``reference-p1`` (the 64-token reference: attention
+matters there) under ``runs/linear-attention/<variant>``; a killed run resumes from ``<variant>.work``.
+``quality`` trains what is missing, then benches every student against the source on the same seeds
+(FD against real digits, class accuracy, PSNR against the source's own samples, sample grids), and the
+composite ``linear-attention-hybrid-w8a8`` (the hybrid artifact followed by the recipe's quantize pass).
+
+``matrix`` runs the pass (ReLU + DWC, a short attention-KD stage) on each bundled model, saves, reloads,
+compares outputs bit for bit and exports to ONNX with validation. ``speed`` times random-weight PixArt-XL/2
+(28 blocks, 1152 wide, 16 heads) with source / hybrid / all-linear attention per call at 1,024 and 4,096
+tokens (whole model) and 16,384 tokens (a 4-block slice), and the attention's peak memory alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+import compress
+from benchmarks.pruning import recipe_with, trained
+from compress.bench import BenchConfig, Variant, run_bench
+from compress.bench.report import write_json
+from compress.machine import machine_info
+from compress.models.reference import REFERENCE_CFG, REFERENCE_STEPS
+from compress.passes import PassContext
+from compress.recipe import load_recipe
+
+VARIANTS = ("linear-attention", "linear-attention-hybrid")
+MODEL = "reference-p1"
+
+
+def student(name: str, a, console: Console) -> Variant:
+    model = compress.load_model(MODEL)
+    ctx = PassContext.for_model(model, load_recipe(name).defaults.calibration, show_progress=False)
+    return trained(name, recipe_with(name, a.recovery_steps), model, ctx, console, runs=a.runs)
+
+
+def train_part(a, console: Console) -> None:
+    v = student(a.variant, a, console)
+    for p in v.info["passes"]:
+        console.print(f"{p['pass']}: {p['seconds']:.0f} s; " + "; ".join(p["notes"]))
+
+
+def quality_part(a, console: Console) -> None:
+    model = compress.load_model(MODEL)
+    students = [student(name, a, console) for name in VARIANTS]
+    command = f"python -m benchmarks.linear_attention --part quality --samples {a.samples}"
+    cfg = BenchConfig(samples=a.samples, steps=REFERENCE_STEPS, cfg_scale=REFERENCE_CFG, speed_batch=64)
+    variants = list(students)
+    if a.composite:
+        composite = load_recipe("linear-attention-hybrid-w8a8").model_dump(mode="json", by_alias=True)
+        quant = {**composite, "name": "linear-attention-hybrid-w8a8", "passes": composite["passes"][2:]}
+        ctx = PassContext.for_model(model, load_recipe("linear-attention-hybrid-w8a8").defaults.calibration,
+                                    show_progress=False)
+        q = compress.apply_recipe(students[1].model, quant, ctx=ctx, show_progress=False)
+        variants.append(Variant("linear-attention-hybrid-w8a8", q, recipe="linear-attention-hybrid-w8a8 (its "
+                                                                         "quantize pass on the hybrid artifact)"))
+    run_bench(Variant("source", model), variants, cfg, a.out / "quality", console=console,
+              extra={"command": command, "model": MODEL})
+
+
+def linearised(model, softmax_blocks: int, **fields):
+    """``model`` with the bundled recipe's kernel (ReLU + 3x3 DWC) in all but the first ``softmax_blocks``
+    blocks, untrained (speed does not depend on weights; which blocks keep softmax does not either)."""
+    first = load_recipe("linear-attention").passes[0].model_dump(mode="json", by_alias=True)
+    first.update({"softmax_blocks": softmax_blocks, "selection": "first", "layer_kd": None, **fields})
+    return compress.apply_recipe(model, {"name": "linear-attention" if softmax_blocks == 0 else
+                                         "linear-attention-hybrid", "description": "untrained, for speed",
+                                         "passes": [first]}, show_progress=False)
+
+
+def matrix_part(a, console: Console) -> None:
+    """The pass (with a short attention-KD stage) on each bundled model: reload bit-identically, export, validate."""
+    import tempfile
+
+    from exporters.onnx import export_onnx
+    from compress.models.adapters import get_adapter
+
+    rows = []
+    for name in ("reference", "reference-p1", "DiT-B/2"):
+        model = compress.load_model(name)
+        ctx = PassContext.for_model(model, load_recipe("linear-attention").defaults.calibration.model_copy(
+            update={"samples": 8, "steps": 10}), show_progress=False)
+        first = load_recipe("linear-attention-hybrid").passes[0].model_dump(mode="json", by_alias=True)
+        first["layer_kd"].update({"steps": a.matrix_steps, "batch_size": 8})
+        out = compress.apply_recipe(model, {"name": "linear-attention-hybrid", "description": "matrix",
+                                            "passes": [first]}, ctx=ctx, show_progress=False)
+        adapter = get_adapter(out)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn((2, *adapter.latent_shape), generator=g)
+        cond = adapter.contract().example_cond(2, g)
+        t = torch.tensor([100.0, 700.0])
+        with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+            compress.save(out, Path(tmp) / "a")
+            again = compress.load(Path(tmp) / "a")
+            same = torch.equal(adapter.forward(x, t, cond), get_adapter(again).forward(x, t, cond))
+            meta = __import__("json").loads((export_onnx(again, Path(tmp) / "onnx") / "export.json").read_text())
+        notes = provenance_notes(out)
+        rows.append({"model": name, "reloads_bit_identically": same, "onnx_validation": meta["validation"],
+                     "notes": notes})
+        console.print(f"{name}: reload bit-identical {same}; ONNX validation passed {meta['validation']['passed']} "
+                      f"(max abs err {meta['validation'].get('max_abs_err')}); " + "; ".join(notes))
+    write_json({"command": f"python -m benchmarks.linear_attention --part matrix --matrix-steps {a.matrix_steps}",
+                "machine": machine_info(), "models": rows}, a.out / "matrix.json")
+
+
+def provenance_notes(model) -> list[str]:
+    from compress.models.provenance import provenance
+
+    return [n for p in provenance(model)["passes"] for n in p["notes"]]
+
+
+ATTENTION_PROBE = """
+import sys, time, torch, torch.nn.functional as F
+from compress.machine import peak_rss_mb, reset_peak_rss
+from compress.nn.attention import LinearAttention
+torch.set_num_threads(int(sys.argv[3]))
+n = int(sys.argv[2])
+if sys.argv[1] == "linear":
+    kernel = LinearAttention(16, 72, (int(n ** 0.5),) * 2)
+else:  # "softmax": torch's fused (flash) CPU kernel; "softmax-math": q k^T, softmax, p v (as exported to ONNX)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = SDPBackend.MATH if sys.argv[1] == "softmax-math" else SDPBackend.FLASH_ATTENTION
+    def kernel(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(1, 16, n, 72, generator=g) for _ in range(3))
+with torch.no_grad():
+    reset_peak_rss(); base = peak_rss_mb(); t0 = time.perf_counter()
+    out = kernel(q, k, v)
+    print((time.perf_counter() - t0) * 1e3, peak_rss_mb() - base)
+"""
+
+
+def attention_peak_mb(kind: str, tokens: int, threads: int) -> tuple[float, float]:
+    """(ms, MiB) of one attention computation ('softmax': torch's flash SDPA; 'softmax-math': the unfused
+    q k^T / softmax / p v an ONNX export computes, with its N x N matrices; 'linear': the ReLU + DWC kernel) on
+    (1, 16 heads, tokens, 72) q, k, v, in a fresh process: the peak RSS is reset once q, k, v exist, so the
+    figure is what the attention itself allocates (a warmed-up process would reuse freed memory and show 0)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", ATTENTION_PROBE, kind, str(tokens), str(threads)], check=True,
+                         capture_output=True, text=True).stdout.split()
+    return float(out[0]), float(out[1])
+
+
+def speed_part(a, console: Console) -> None:
+    """Per-call latency against tokens, PyTorch and ONNX Runtime, and the attention's own peak memory."""
+    from exporters.onnx import OnnxRunner, export_onnx
+
+    results = {"command": f"python -m benchmarks.linear_attention --part speed --threads {a.threads} --repeats "
+                          f"{a.repeats}", "machine": machine_info(), "threads": a.threads, "runs": {}}
+    cfg = BenchConfig(samples=1, quality=False, grid=False, speed_batch=1, warmup=1, repeats=a.repeats)
+    tokens = {512: 1024, 1024: 4096, 2048: 16384}
+    for px, n in tokens.items():
+        src = compress.load_model(f"PixArt-XL/2-{px}")
+        label = "whole model (28 blocks)"
+        if px == 2048 or a.slice_all:
+            src = compress.apply_recipe(src, {"name": "slice", "description": "4 of 28 blocks", "passes": [
+                {"pass": "prune_depth", "depth": 4, "method": "uniform"}]}, show_progress=False)
+            label = "4-block slice"
+        depth = len(src.transformer_blocks)
+        hybrid = linearised(src, max(1, depth // 4 if depth < 8 else 2))
+        linear = linearised(src, 0)
+        variants = [Variant(f"hybrid ({max(1, depth // 4 if depth < 8 else 2)} softmax)", hybrid),
+                    Variant("all linear", linear)]
+        if px == 1024 and a.onnx:
+            work = a.runs / "speed-onnx"
+            variants += [Variant("source (ONNX Runtime)", OnnxRunner(export_onnx(src, work / "source", force=True),
+                                                                     threads=a.threads)),
+                         Variant("all linear (ONNX Runtime)", OnnxRunner(export_onnx(linear, work / "linear",
+                                                                                     force=True), threads=a.threads))]
+        key = f"{px}px-{n}-tokens"
+        report = run_bench(Variant(f"PixArt-XL/2 {px} px source", src), variants, cfg, a.out / "speed" / key,
+                           console=console, extra={"command": results["command"], "model": label, "tokens": n})
+        results["runs"][key] = {"tokens": n, "px": px, "model": label,
+                                "ms_per_call": {v["name"]: v["speed"]["ms_per_call"] for v in report["variants"]},
+                                "peak_rss_mb": {v["name"]: v["speed"]["peak_mem_mb"] for v in report["variants"]}}
+        del src, hybrid, linear, variants
+    for n in tokens.values():
+        kinds = ["softmax", "linear"] + (["softmax-math"] if n <= 4096 else [])  # math at 16k: 2 x 17 GB
+        results.setdefault("attention_alone", {})[n] = {
+            k: dict(zip(("ms", "peak_mb"), (round(x, 1) for x in attention_peak_mb(k, n, a.threads))))
+            for k in kinds}
+    write_json(results, a.out / "speed" / "speed.json")
+    plot_speed(results, a.out / "speed" / "ms-per-call-vs-tokens.png")
+    console.print(results)
+
+
+def plot_speed(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    runs = sorted(results["runs"].values(), key=lambda r: r["tokens"])
+    per_block = {}
+    for r in runs:
+        blocks = 4 if r["model"] == "4-block slice" else 28
+        for i, (name, ms) in enumerate(r["ms_per_call"].items()):
+            if "ONNX" in name:
+                continue
+            kind = ["source", "hybrid", "all linear"][min(i, 2)]
+            per_block.setdefault(kind, []).append((r["tokens"], ms / blocks))
+    for kind, pts in per_block.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kind)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("image tokens per call")
+    ax.set_ylabel("ms per call per transformer block (PyTorch CPU)")
+    ax.set_title("PixArt-XL/2, batch 1: softmax vs linear attention", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=["train", "quality", "matrix", "speed"], default="quality")
+    p.add_argument("--variant", choices=VARIANTS, default=VARIANTS[0], help="train: which recipe")
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--recovery-steps", type=int, default=None, help="override the recipes' distill steps")
+    p.add_argument("--no-composite", dest="composite", action="store_false", help="quality: skip the w8a8 composite")
+    p.add_argument("--threads", type=int, default=2, help="speed: torch and ONNX Runtime threads")
+    p.add_argument("--repeats", type=int, default=2, help="speed: timed calls per variant")
+    p.add_argument("--no-onnx", dest="onnx", action="store_false", help="speed: skip the ONNX Runtime rows")
+    p.add_argument("--slice-all", action="store_true", help="speed: the 4-block slice at every token count")
+    p.add_argument("--matrix-steps", type=int, default=20, help="matrix: attention-KD steps per model")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/linear-attention"))
+    p.add_argument("--runs", type=Path, default=Path("runs/linear-attention"), help="trained artifacts, checkpoints")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads if a.part == "speed" else 1)
+    console = Console(width=180)
+    {"train": train_part, "quality": quality_part, "matrix": matrix_part, "speed": speed_part}[a.part](a, console)
+
+
+if __name__ == "__main__":
+    main()
