@@ -239,3 +239,15 @@ def test_window_student_trains_reloads_and_keeps_its_window(tmp_path):
     assert all(isinstance(k, WindowAttention) and k.window == 3 for k in kernels(out))
     compress.save(out, tmp_path / "a")
     assert torch.equal(outputs(compress.load(tmp_path / "a")), outputs(out))
+
+
+def test_attention_kd_runs_under_torchrun_and_keeps_replicas_equal(tmp_path):
+    from tests.test_pruning import torchrun
+
+    out = torchrun("""
+student = compress.apply_recipe(teacher, {"name": "d", "description": "d", "passes": [
+    {"pass": "linear_attention", "softmax_blocks": 1,
+     "layer_kd": {"steps": 4, "batch_size": 4, "checkpoint_every": 2}}]}, ctx=ctx, show_progress=False)
+""", tmp_path, 29541)
+    assert "pass1-linear_attention-layers: 4 steps" in out
+    assert (tmp_path / "w" / "pass1-linear_attention-layers.pt").exists()
