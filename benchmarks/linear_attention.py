@@ -23,6 +23,7 @@ and the attention's own time and peak memory (fresh processes).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from compress.bench import BenchConfig, Variant, run_bench
 from compress.bench.report import write_json
 from compress.machine import machine_info
 from compress.models.reference import REFERENCE_CFG, REFERENCE_STEPS
-from compress.passes import PassContext
+from compress.passes import CalibrationConfig, PassContext
 from compress.recipe import load_recipe
 
 VARIANTS = ("linear-attention", "linear-attention-hybrid")
@@ -72,13 +73,18 @@ def quality_part(a, console: Console) -> None:
 
 
 def linearised(model, softmax_blocks: int, **fields):
-    """``model`` with the bundled recipe's kernel (ReLU + 3x3 DWC) in all but the first ``softmax_blocks``
-    blocks, untrained (speed does not depend on weights; which blocks keep softmax does not either)."""
+    """A copy of ``model`` with the bundled recipe's kernel (ReLU + 3x3 DWC) in all but the first
+    ``softmax_blocks`` blocks, untrained (speed does not depend on weights; which blocks keep softmax does not
+    either). The pass's own function on a copy, without ``apply_recipe``'s NaN checks: at 4k tokens those
+    are 12 PixArt-XL/2 calls per variant, longer than the timing itself."""
+    import copy
+
+    from compress.passes.linear_attention import LinearAttentionConfig, apply_linear_attention
+
     first = load_recipe("linear-attention").passes[0].model_dump(mode="json", by_alias=True)
     first.update({"softmax_blocks": softmax_blocks, "selection": "first", "layer_kd": None, **fields})
-    return compress.apply_recipe(model, {"name": "linear-attention" if softmax_blocks == 0 else
-                                         "linear-attention-hybrid", "description": "untrained, for speed",
-                                         "passes": [first]}, show_progress=False)
+    ctx = PassContext.for_model(model, CalibrationConfig(samples=1, steps=1), show_progress=False)
+    return apply_linear_attention(copy.deepcopy(model), LinearAttentionConfig(**first), ctx).eval()
 
 
 def matrix_part(a, console: Console) -> None:
@@ -172,22 +178,30 @@ def attention_peak_mb(kind: str, tokens: int, threads: int) -> tuple[float, floa
 def speed_part(a, console: Console) -> None:
     """Per-call latency against tokens, PyTorch and ONNX Runtime, and the attention's own peak memory."""
     results = {"command": f"python -m benchmarks.linear_attention --part speed --threads {a.threads} --repeats "
-                          f"{a.repeats}", "machine": machine_info(), "threads": a.threads, "runs": {}}
+                          f"{a.repeats} --tokens {','.join(map(str, a.tokens))}", "machine": machine_info(), "threads": a.threads, "runs": {}}
     cfg = BenchConfig(samples=1, quality=False, grid=False, speed_batch=1, warmup=1, repeats=a.repeats)
     tokens = {512: 1024, 1024: 4096, 2048: 16384}
     for px, n in tokens.items():
-        src = compress.load_model(f"PixArt-XL/2-{px}")
-        label = "whole model (28 blocks)"
+        key = f"{px}px-{n}-tokens"
+        if n not in a.tokens:  # reuse an earlier run's report for this size
+            for k in (key, f"{key}-onnx"):
+                if (a.out / "speed" / k / "report.json").exists():
+                    rep = json.loads((a.out / "speed" / k / "report.json").read_text())
+                    results["runs"][k] = {"tokens": n, "px": px, "model": rep.get("model"), "from_earlier_run": True,
+                                          "ms_per_call": {v["name"]: v["speed"]["ms_per_call"]
+                                                          for v in rep["variants"]}}
+            continue
         if px == 2048 or a.slice_all:
-            src, label = slice_of(src), "4-block slice"
+            src, label = slice_of(px), "4-block slice"
+        else:
+            src, label = compress.load_model(f"PixArt-XL/2-{px}"), "whole model (28 blocks)"
         # hybrid: the bundled recipe's count (2 of 28 blocks keep softmax); on the 4-block slice, 1 (its 1/4)
         keep = 1 if label == "4-block slice" else load_recipe("linear-attention-hybrid").passes[0].softmax_blocks
         hybrid = linearised(src, keep)
         linear = linearised(src, 0)
         variants = [Variant(f"hybrid ({keep} softmax)", hybrid), Variant("all linear", linear)]
-        key = f"{px}px-{n}-tokens"
         if px == 1024 and a.onnx:
-            onnx_part(a, src, console, results, key)
+            onnx_part(a, px, console, results, key)
         report = run_bench(Variant(f"PixArt-XL/2 {px} px source", src), variants, cfg, a.out / "speed" / key,
                            console=console, extra={"command": results["command"], "model": label, "tokens": n})
         results["runs"][key] = {"tokens": n, "px": px, "model": label,
@@ -204,13 +218,13 @@ def speed_part(a, console: Console) -> None:
     console.print(results)
 
 
-def onnx_part(a, src, console: Console, results: dict, key: str) -> None:
+def onnx_part(a, px: int, console: Console, results: dict, key: str) -> None:
     """ONNX Runtime at 4,096 tokens on a 4-block slice of ``src`` (blocks are identical, so the per-call ratio is
     the whole model's up to the embedders; exporting and validating all 28 blocks at 4k tokens costs about half
     a CPU-hour per variant here): source and all-linear exports, validated, timed with their PyTorch slices."""
     from exporters.onnx import OnnxRunner, export_onnx
 
-    piece = src if len(src.transformer_blocks) <= 4 else slice_of(src)
+    piece = slice_of(px)
     linear = linearised(piece, 0)
     work = a.runs / "speed-onnx"
     cfg = BenchConfig(samples=1, quality=False, grid=False, speed_batch=1, warmup=1, repeats=a.repeats)
@@ -227,10 +241,19 @@ def onnx_part(a, src, console: Console, results: dict, key: str) -> None:
                                                       for v in report["variants"]}}
 
 
-def slice_of(model):
-    """4 of the model's 28 blocks, evenly spaced (speed per block at long sequences, in tractable time)."""
-    return compress.apply_recipe(model, {"name": "slice", "description": "4 of 28 blocks", "passes": [
-        {"pass": "prune_depth", "depth": 4, "method": "uniform"}]}, show_progress=False)
+def slice_of(px: int):
+    """PixArt-XL/2 at ``px`` with 4 of its 28 blocks (the same block shapes, random weights): speed per block at
+    long sequences in tractable time, built directly (no pass: the toolkit's NaN checks would run the whole
+    28-block model at 16k tokens first)."""
+    import diffusers
+
+    from compress.models.loading import DIFFUSERS_PRESETS
+    from compress.models.provenance import stamp_source
+
+    cls_name, cfg = DIFFUSERS_PRESETS[f"PixArt-XL/2-{px}"]
+    torch.manual_seed(0)
+    return stamp_source(getattr(diffusers, cls_name)(**{**cfg, "num_layers": 4}).eval(),
+                        f"preset:PixArt-XL/2-{px} (4 blocks)", None)
 
 
 def plot_speed(results: dict, path: Path) -> None:
@@ -274,11 +297,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="speed: timed calls per variant")
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="speed: skip the ONNX Runtime rows")
     p.add_argument("--slice-all", action="store_true", help="speed: the 4-block slice at every token count")
+    p.add_argument("--tokens", default="1024,4096,16384", help="speed: token counts to run (others: earlier reports)")
     p.add_argument("--matrix-steps", type=int, default=10, help="matrix: attention-KD steps per model")
     p.add_argument("--models", default="reference,reference-p1,DiT-B/2", help="matrix: which models")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/linear-attention"))
     p.add_argument("--runs", type=Path, default=Path("runs/linear-attention"), help="trained artifacts, checkpoints")
     a = p.parse_args()
+    a.tokens = [int(x) for x in a.tokens.split(",")]
     torch.set_num_threads(a.threads if a.part == "speed" else 1)
     console = Console(width=180)
     {"train": train_part, "quality": quality_part, "matrix": matrix_part, "speed": speed_part}[a.part](a, console)
