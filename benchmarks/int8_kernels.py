@@ -1,11 +1,13 @@
-"""W8A8 INT8 in PyTorch eager on CPU: integer kernels (``torch._int_mm``) against fake quantization and fp32.
+"""W8A8 INT8 in PyTorch eager on CPU: integer kernels (oneDNN / ``torch._int_mm``) against fake quantization and fp32.
 
     python -m benchmarks.int8_kernels --model DiT-B/2 --batch 4 --threads 2   # the issue's shape
     python -m benchmarks.int8_kernels --model reference --batch 16 --threads 1 --also-recipes all
 
 One process, one model quantized once with the bundled ``w8a8-int8`` and ``w8a8-int8-dynamic`` recipes; each
 quantized model is timed twice, with its layers' ``kernel`` set to ``"auto"`` (integer matmuls) and to
-``"reference"`` (the fake-quant arithmetic the integer path is tested against), interleaved with the fp32
+``"reference"`` (the fake-quant arithmetic the integer path is tested against; integer kernels:
+``compress.nn.quant.int8_linear``, oneDNN's fused INT8 linear on x86 above ``ONEDNN_MIN_MACS`` per call,
+``torch._int_mm`` below it), interleaved with the fp32
 source (``compress.bench.speed.time_interleaved``: round-robin, median of repeats). Output error of the
 integer path against the fake-quant one (they compute the same integers) and against fp32 is reported
 beside the times. ``--also-recipes`` adds every other bundled quantization recipe (or a comma list), each
@@ -77,7 +79,7 @@ def main() -> None:
             out_fast, out_fake = get_adapter(fast).denoise(*inputs), get_adapter(fake).denoise(*inputs)
             errors[recipe] = {"int_vs_fake_quant_rel_mse": rel_mse(out_fast, out_fake),
                               "int_vs_fp32_rel_mse": rel_mse(out_fast, ref_out)}
-            entries.append(SpeedEntry(f"{recipe} (torch._int_mm)", get_adapter(fast).denoise, inputs,
+            entries.append(SpeedEntry(f"{recipe} (integer kernels)", get_adapter(fast).denoise, inputs,
                                       torch.device("cpu")))
             entries.append(SpeedEntry(f"{recipe} (fake quant)", get_adapter(fake).denoise, inputs,
                                       torch.device("cpu")))

@@ -177,20 +177,28 @@ def attention_peak_mb(kind: str, tokens: int, threads: int) -> tuple[float, floa
 
 def speed_part(a, console: Console) -> None:
     """Per-call latency against tokens, PyTorch and ONNX Runtime, and the attention's own peak memory."""
-    results = {"command": f"python -m benchmarks.linear_attention --part speed --threads {a.threads} --repeats "
-                          f"{a.repeats} --tokens {','.join(map(str, a.tokens))}", "machine": machine_info(), "threads": a.threads, "runs": {}}
+    command = (f"python -m benchmarks.linear_attention --part speed --threads {a.threads} --repeats {a.repeats} "
+               f"--tokens {','.join(map(str, a.tokens))}" + (" --onnx-whole" if a.onnx_whole else "")
+               + ("" if a.onnx else " --no-onnx"))
+    results = {"command": command, "machine": machine_info(), "threads": a.threads, "runs": {}}
+
+    def reuse(k: str, n: int, px: int) -> None:  # an earlier run's report for this size
+        if (a.out / "speed" / k / "report.json").exists():
+            rep = json.loads((a.out / "speed" / k / "report.json").read_text())
+            results["runs"][k] = {"tokens": n, "px": px, "model": rep.get("model"), "from_earlier_run": True,
+                                  "ms_per_call": {v["name"]: v["speed"]["ms_per_call"] for v in rep["variants"]}}
     cfg = BenchConfig(samples=1, quality=False, grid=False, speed_batch=1, warmup=1, repeats=a.repeats)
     tokens = {512: 1024, 1024: 4096, 2048: 16384}
     for px, n in tokens.items():
         key = f"{px}px-{n}-tokens"
-        if n not in a.tokens:  # reuse an earlier run's report for this size
-            for k in (key, f"{key}-onnx"):
-                if (a.out / "speed" / k / "report.json").exists():
-                    rep = json.loads((a.out / "speed" / k / "report.json").read_text())
-                    results["runs"][k] = {"tokens": n, "px": px, "model": rep.get("model"), "from_earlier_run": True,
-                                          "ms_per_call": {v["name"]: v["speed"]["ms_per_call"]
-                                                          for v in rep["variants"]}}
+        if n not in a.tokens:
+            for k in (key, f"{key}-onnx", f"{key}-onnx-whole"):
+                reuse(k, n, px)
             continue
+        if a.onnx_whole or not a.onnx:  # ONNX rows this run does not measure: an earlier run's
+            reuse(f"{key}-onnx", n, px)
+        if not (a.onnx and a.onnx_whole):
+            reuse(f"{key}-onnx-whole", n, px)
         if px == 2048 or a.slice_all:
             src, label = slice_of(px), "4-block slice"
         else:
@@ -200,14 +208,17 @@ def speed_part(a, console: Console) -> None:
         hybrid = linearised(src, keep)
         linear = linearised(src, 0)
         variants = [Variant(f"hybrid ({keep} softmax)", hybrid), Variant("all linear", linear)]
-        if px == 1024 and a.onnx:
+        if px == 1024 and a.onnx and not a.onnx_whole:
             onnx_part(a, px, console, results, key)
         report = run_bench(Variant(f"PixArt-XL/2 {px} px source", src), variants, cfg, a.out / "speed" / key,
                            console=console, extra={"command": results["command"], "model": label, "tokens": n})
         results["runs"][key] = {"tokens": n, "px": px, "model": label,
                                 "ms_per_call": {v["name"]: v["speed"]["ms_per_call"] for v in report["variants"]},
                                 "peak_rss_mb": {v["name"]: v["speed"]["peak_mem_mb"] for v in report["variants"]}}
-        del src, hybrid, linear, variants
+        del hybrid, variants
+        if px == 1024 and a.onnx and a.onnx_whole:
+            onnx_part(a, px, console, results, key, whole=(src, linear))
+        del src, linear
     for n in tokens.values():
         kinds = ["softmax", "linear", "window"] + (["softmax-math"] if n <= 4096 else [])  # math at 16k: 2 x 17 GB
         results.setdefault("attention_alone", {})[n] = {
@@ -218,27 +229,32 @@ def speed_part(a, console: Console) -> None:
     console.print(results)
 
 
-def onnx_part(a, px: int, console: Console, results: dict, key: str) -> None:
-    """ONNX Runtime at 4,096 tokens on a 4-block slice of ``src`` (blocks are identical, so the per-call ratio is
-    the whole model's up to the embedders; exporting and validating all 28 blocks at 4k tokens costs about half
-    a CPU-hour per variant here): source and all-linear exports, validated, timed with their PyTorch slices."""
+def onnx_part(a, px: int, console: Console, results: dict, key: str, whole: tuple | None = None) -> None:
+    """ONNX Runtime at 4,096 tokens: source and all-linear exports, validated, timed with their PyTorch models.
+
+    By default on a 4-block slice (blocks are identical, so the per-call ratio is the whole model's up to the
+    embedders); ``whole`` = the caller's (whole source, all-linear) models: all 28 blocks exported (about half a
+    CPU-hour per variant here to export and validate, weights in an external-data file), reported under
+    ``<key>-onnx-whole``."""
     from exporters.onnx import OnnxRunner, export_onnx
 
-    piece = slice_of(px)
-    linear = linearised(piece, 0)
-    work = a.runs / "speed-onnx"
+    piece, linear = whole if whole else (slice_of(px), None)
+    linear = linearised(piece, 0) if linear is None else linear
+    label = "whole model (28 blocks)" if whole else "4-block slice"
+    short = "" if whole else " slice"
+    work = a.runs / ("speed-onnx-whole" if whole else "speed-onnx")
     cfg = BenchConfig(samples=1, quality=False, grid=False, speed_batch=1, warmup=1, repeats=a.repeats)
-    report = run_bench(Variant("source slice (PyTorch)", piece), [
-        Variant("all linear slice (PyTorch)", linear),
-        Variant("source slice (ONNX Runtime)", OnnxRunner(export_onnx(piece, work / "source", force=True),
-                                                          threads=a.threads)),
-        Variant("all linear slice (ONNX Runtime)", OnnxRunner(export_onnx(linear, work / "linear", force=True),
-                                                              threads=a.threads))],
-        cfg, a.out / "speed" / f"{key}-onnx", console=console,
-        extra={"command": results["command"], "model": "4-block slice", "tokens": 4096})
-    results["runs"][f"{key}-onnx"] = {"tokens": 4096, "model": "4-block slice, PyTorch and ONNX Runtime",
-                                      "ms_per_call": {v["name"]: v["speed"]["ms_per_call"]
-                                                      for v in report["variants"]}}
+    runners = [Variant(f"source{short} (ONNX Runtime)", OnnxRunner(export_onnx(piece, work / "source", force=True),
+                                                                 threads=a.threads)),
+               Variant(f"all linear{short} (ONNX Runtime)",
+                       OnnxRunner(export_onnx(linear, work / "linear", force=True), threads=a.threads))]
+    out_key = f"{key}-onnx" + ("-whole" if whole else "")
+    report = run_bench(Variant(f"source{short} (PyTorch)", piece), [Variant(f"all linear{short} (PyTorch)", linear),
+                                                                   *runners],
+                       cfg, a.out / "speed" / out_key, console=console,
+                       extra={"command": results["command"], "model": label, "tokens": 4096})
+    results["runs"][out_key] = {"tokens": 4096, "model": f"{label}, PyTorch and ONNX Runtime",
+                                "ms_per_call": {v["name"]: v["speed"]["ms_per_call"] for v in report["variants"]}}
 
 
 def slice_of(px: int):
@@ -263,12 +279,10 @@ def plot_speed(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    runs = sorted(results["runs"].values(), key=lambda r: r["tokens"])
+    runs = sorted((r for k, r in results["runs"].items() if "-onnx" not in k), key=lambda r: r["tokens"])  # PyTorch rows
     per_block = {}
     for r in runs:
         blocks = 4 if r["model"] == "4-block slice" else 28
-        if "ONNX" in r["model"]:
-            continue
         for i, (name, ms) in enumerate(r["ms_per_call"].items()):
             kind = ["source", "hybrid", "all linear"][min(i, 2)]
             per_block.setdefault(kind, []).append((r["tokens"], ms / blocks))
@@ -296,6 +310,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="speed: torch and ONNX Runtime threads")
     p.add_argument("--repeats", type=int, default=2, help="speed: timed calls per variant")
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="speed: skip the ONNX Runtime rows")
+    p.add_argument("--onnx-whole", action="store_true", help="speed: ONNX Runtime at 4k tokens on all 28 blocks")
     p.add_argument("--slice-all", action="store_true", help="speed: the 4-block slice at every token count")
     p.add_argument("--tokens", default="1024,4096,16384", help="speed: token counts to run (others: earlier reports)")
     p.add_argument("--matrix-steps", type=int, default=10, help="matrix: attention-KD steps per model")

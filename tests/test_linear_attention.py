@@ -71,6 +71,30 @@ def test_depthwise_convolution_adds_a_per_channel_filter_over_the_image_grid_onl
     torch.testing.assert_close(delta[:, :, text:], by_hand, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("image,grid,length", [("all", (12, 10), 120), ("first", (7, 9), 75), ("last", (9, 7), 70)])
+@pytest.mark.parametrize("conv", [0, 3, 5])
+def test_chunked_inference_gives_the_whole_sequence_kernel_output(image, grid, length, conv, monkeypatch):
+    """Long sequences at inference run chunk by chunk (the DWC on bands of grid rows with their halo): the same
+    values as the whole-sequence form autograd uses, with 16-token chunks crossing rows and the image span."""
+    import compress.nn.attention as attention
+
+    torch.manual_seed(0)
+    kern = LinearAttention(4, 8, grid, image=image, conv=conv)
+    if kern.dwc is not None:
+        torch.nn.init.normal_(kern.dwc.weight)
+    q, k, v = (torch.randn(2, 4, length, 8) for _ in range(3))
+    with torch.enable_grad():
+        whole = kern(q, k, v).detach()
+    monkeypatch.setattr(attention, "INFERENCE_CHUNK", 16)
+    calls = []
+    real = LinearAttention.attend_in_chunks
+    monkeypatch.setattr(LinearAttention, "attend_in_chunks", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        chunked = kern(q, k, v)
+    assert calls == [1]
+    assert ((chunked - whole).abs().max() / whole.abs().max()) < 1e-6  # measured 3e-8 .. 2.4e-7
+
+
 def test_window_attention_equals_softmax_masked_to_each_tokens_neighbourhood():
     """Tiles + halo on a grid the window does not divide (5 x 7, window 3) give the dense masked softmax."""
     torch.manual_seed(0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor
 
 from compress.nn.registry import replayable
 from compress.nn.timestep import current_timestep
@@ -56,25 +55,41 @@ def unpack_int4(p: torch.Tensor, signed: bool) -> torch.Tensor:
     return q - 16 * (q > 7).to(torch.int32) if signed else q
 
 
-def reused(layer: nn.Module, name: str, make, *stored: torch.Tensor | None) -> torch.Tensor:
+class _DerivedCache(dict):
+    """Per-layer cache of ``reused`` values. Copies and pickles of a layer start empty (they recompute on first
+    use): the values derive from the layer's own tensors, and some (oneDNN's packed weights) are opaque tensors
+    that can be neither deep-copied nor serialised."""
+
+    def __deepcopy__(self, memo):
+        return _DerivedCache()
+
+    def __reduce__(self):
+        return _DerivedCache, ()
+
+
+def reused(layer: nn.Module, name: str, make, *stored: torch.Tensor | None):
     """``make()``, computed once per version of the ``stored`` tensors it derives from, then reused.
 
     For what a quantized layer derives from its compact tensors: the dequantized weight (PyTorch has no CPU
     kernel that beats an fp32 matmul on it at DiT widths: ``_weight_int8pack_mm`` is ~86x slower at the
     reference's shapes, so dequantizing on every call only adds time; reusing it keeps the same values, with
-    an fp32 weight's memory while the artifact stays compact) and the integer matmul's transposed weight.
-    Under autograd, tracing, export or compile it is recomputed, so graphs keep the compact tensors.
+    an fp32 weight's memory while the artifact stays compact) and the integer matmul's packed weight.
+    Under autograd, tracing, export or compile (where the tensors are not plain tensors) it is recomputed, so
+    graphs keep the compact tensors. Called per layer per call: the checks are kept to a few attribute reads
+    (at the reference model's widths a microsecond here is a percent of the model's time).
     """
-    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-            or torch.jit.is_tracing() or isinstance(stored[0], FakeTensor)):
+    first = stored[0]
+    if (torch.is_grad_enabled() or type(first) is not torch.Tensor or torch.jit.is_tracing()
+            or torch.compiler.is_compiling()):
         return make()
-    key = [t._version for t in stored if t is not None]
-    key.append(stored[0].data_ptr())  # a move to another device or a new tensor is a new key
-    cached = layer.__dict__.get(f"_reused_{name}")
-    if cached is None or cached[0] != key:
-        cached = (key, make())
-        layer.__dict__[f"_reused_{name}"] = cached
-    return cached[1]
+    key = (first.data_ptr(), *[t._version for t in stored if t is not None])  # a moved / new tensor: new key
+    cache = layer.__dict__.get("_reused")
+    if cache is None:
+        cache = layer.__dict__["_reused"] = _DerivedCache()
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        hit = cache[name] = (key, make())
+    return hit[1]
 
 
 class WeightOnlyLinear(nn.Module):
@@ -120,7 +135,9 @@ class WeightOnlyLinear(nn.Module):
         return (qg * self.scale[..., None]).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = reused(self, "weight", self.dequantized_weight, self.qweight, self.scale, self.zero), self.bias
+        bufs = self._buffers  # read from the dicts: see QuantLinear.forward
+        w = reused(self, "weight", self.dequantized_weight, bufs["qweight"], bufs["scale"], bufs["zero"])
+        b = self._parameters.get("bias")
         if w.dtype != x.dtype:
             w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
         return F.linear(x, w, b)
@@ -154,6 +171,44 @@ def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 ACT_FORMATS = {"int8": (fake_quant_int8, INT8_MAX), "fp8": (fake_quant_fp8, FP8_MAX)}
+
+
+def _onednn_int8() -> bool:
+    """oneDNN's fused INT8 linear (x86 builds of torch): integer GEMM, per-channel rescale and bias in one op."""
+    ops = getattr(torch.ops, "onednn", None)
+    return (torch.backends.mkldnn.is_available() and ops is not None and hasattr(ops, "qlinear_pointwise")
+            and hasattr(ops, "qlinear_prepack"))
+
+
+INT8_CPU_BACKEND = "onednn" if _onednn_int8() else "int_mm"  # what CPU INT8 x INT8 layers call (tests pin it)
+# oneDNN's call has a fixed cost of ~30 us (descriptors, scales, primitive lookup): below this many multiply-adds
+# per call ``torch._int_mm`` + one scale op is as fast or faster (measured: parity at 256x96x384, the reference
+# model's MLP; 3-6x faster than ``_int_mm`` at DiT-B/2's 1024x768x3072 with AMX)
+ONEDNN_MIN_MACS = 1 << 24
+
+
+def int8_linear(layer: "QuantLinear", xq: torch.Tensor, x_scale: torch.Tensor | None,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """``(xq @ qweight^T) * x_scale * weight_scale + bias`` in fp32 from int8 rows ``xq`` (M, K), the sum exact
+    in int32. ``x_scale`` is the static per-tensor scale, or None (the caller applies per-token scales).
+
+    On x86 CPUs oneDNN's ``qlinear_pointwise`` does the integer GEMM, the rescale and the bias in one call on
+    a weight packed once; at the reference model's widths that fused epilogue is what makes INT8 beat fp32
+    (``torch._int_mm`` followed by an int32-to-float copy and a scale op costs more than the matmul it saved).
+    Elsewhere (CUDA, other CPUs, and CPU calls under ``ONEDNN_MIN_MACS``) ``torch._int_mm`` then one scale op."""
+    bufs = layer._buffers
+    qweight, sw = bufs["qweight"], bufs["weight_scale"].reshape(-1)
+    if (not xq.is_cuda and INT8_CPU_BACKEND == "onednn"
+            and xq.shape[0] * xq.shape[1] * qweight.shape[0] >= ONEDNN_MIN_MACS):
+        packed, zeros, one, zero = reused(layer, "onednn_w", lambda: (
+            torch.ops.onednn.qlinear_prepack(qweight, None), torch.zeros(qweight.shape[0], dtype=torch.int64),
+            torch.ones(()), torch.zeros((), dtype=torch.int64)), qweight)
+        return torch.ops.onednn.qlinear_pointwise.tensor(xq, one if x_scale is None else x_scale, zero, packed, sw,
+                                                         zeros, bias, 1.0, 0, torch.float32, "none", [], "")
+    wt = reused(layer, "int8_wt", lambda: qweight.t().contiguous(), qweight)
+    acc = torch._int_mm(xq, wt).float()
+    scale = sw if x_scale is None else x_scale.reshape(1, 1) * sw
+    return acc.mul_(scale) if bias is None else torch.addcmul(bias, acc, scale)
 
 
 class QuantLinear(nn.Module):
@@ -260,13 +315,13 @@ class QuantLinear(nn.Module):
         return (qg * self.weight_scale[..., None]).reshape(self.out_features, self.in_features)
 
     def current_act_scale(self) -> torch.Tensor:
-        """Static scale for the running timestep's group (the widest group's when the step is unknown)."""
-        if self.act_edges is None:
-            return self.act_scale[0]
+        """Static scale for the running timestep's group (the widest group's when the step is unknown), (1,)."""
+        if self._buffers["act_edges"] is None:
+            return self._buffers["act_scale"]
         t = current_timestep()
         if t is None or not t.numel():
-            return self.act_scale.max()
-        return self.act_scale[int(torch.bucketize(t.reshape(-1)[0].float().cpu(), self.act_edges.cpu()))]
+            return self.act_scale.max().reshape(1)
+        return self.act_scale[int(torch.bucketize(t.reshape(-1)[0].float().cpu(), self.act_edges.cpu()))].reshape(1)
 
     def quantize_input(self, xs: torch.Tensor, act_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Fake-quantize the (smoothed) input; ``act_scale`` overrides the static scale (calibration search)."""
@@ -280,7 +335,10 @@ class QuantLinear(nn.Module):
         return fq(xs, scale)
 
     def forward(self, x: torch.Tensor, act_scale: torch.Tensor | None = None) -> torch.Tensor:
-        xs = x / self.smooth if self.smooth is not None else x
+        # buffers are read from the module's dicts here and in the kernel path: nn.Module.__getattr__ costs
+        # ~1.5 us a read, which at the reference model's widths (16 tokens, 96 channels) is a tenth of a matmul
+        smooth = self._buffers["smooth"]
+        xs = x / smooth if smooth is not None else x
         if act_scale is None and self._kernel_ok(x):
             y = self._low_precision_matmul(xs, with_bias=not self.rank)
             if not self.rank:
@@ -311,32 +369,31 @@ class QuantLinear(nn.Module):
     def _low_precision_matmul(self, xs: torch.Tensor, with_bias: bool = False) -> torch.Tensor:
         """The integer (or FP8) matmul on the smoothed input ``xs``, scaled once; ``with_bias`` adds the bias in
         the same op. The integer path quantizes with the fake-quant path's own division and rounding (in
-        place, on one copy of the input) and multiplies by a cached contiguous transposed weight."""
+        place, on one copy of the input), then ``int8_linear``."""
         lead, k = xs.shape[:-1], xs.shape[-1]
         x2 = xs.reshape(-1, k).float()
         qmax = ACT_FORMATS[self.act_format][1]
         if self.act_mode == "dynamic":
             sa = x2.abs().amax(-1, keepdim=True).clamp_min(1e-8) / qmax
         else:
-            sa = self.current_act_scale().reshape(1, 1)
-        sw = self.weight_scale.reshape(1, -1).float()
+            sa = self.current_act_scale()
+        bias = self._parameters.get("bias") if with_bias else None
         if self.act_format == "int8":
             xq = torch.div(x2, sa).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-            wt = reused(self, "int8_wt", lambda: self.qweight.t().contiguous(), self.qweight)
-            acc = torch._int_mm(xq, wt).float()
-            if self.act_mode == "static":  # one per-channel scale row: (sa * sw)
-                y = torch.addcmul(self.bias.float(), acc, sa * sw) if with_bias and self.bias is not None \
-                    else acc.mul_(sa * sw)
-            else:
-                y = acc.mul_(sa).mul_(sw)
-                if with_bias and self.bias is not None:
-                    y = y.add_(self.bias.float())
+            bias = None if bias is None else bias.float()
+            if self.act_mode == "static":
+                y = int8_linear(self, xq, sa, bias)
+            else:  # the per-token scales after the per-channel ones
+                y = int8_linear(self, xq, None, None)
+                y = y.mul_(sa) if bias is None else torch.addcmul(bias, y, sa)
         else:
-            xq = (x2 / sa.expand(x2.shape[0], 1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-            y = torch._scaled_mm(xq, self.qweight.t(), scale_a=sa.expand(x2.shape[0], 1).contiguous(),
+            sa = sa.reshape(-1, 1).expand(x2.shape[0], 1)
+            xq = (x2 / sa).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            sw = self.weight_scale.reshape(1, -1).float()
+            y = torch._scaled_mm(xq, self.qweight.t(), scale_a=sa.contiguous(),
                                  scale_b=sw.contiguous(), out_dtype=torch.bfloat16).float()
-            if with_bias and self.bias is not None:
-                y = y + self.bias.float()
+            if bias is not None:
+                y = y + bias.float()
         return y.reshape(*lead, self.out_features).to(xs.dtype)
 
     def extra_repr(self) -> str:
