@@ -6,7 +6,7 @@ One process, one model (random weights: speed does not depend on them; DiT's zer
 block an identity), calibrated once on seeded trajectories. Rows, all timed interleaved
 (``compress.bench.speed.time_interleaved``: round-robin, median of repeats) at the same batch and threads:
 
-* PyTorch eager fp32 and ``w8a8-int8`` (``torch._int_mm``);
+* PyTorch eager fp32 and ``w8a8-int8`` (integer kernels: oneDNN or ``torch._int_mm``, ``compress.nn.quant.int8_linear``);
 * ONNX Runtime: the fp32 export, this project's QDQ export of ``w8a8-int8-ort-cpu``, and ORT's own
   ``quantize_dynamic`` (QInt8) of the fp32 export (a peer);
 * OpenVINO (explicit f32 precision hint): the fp32 export, this project's QDQ exports (int8 activations)
@@ -81,7 +81,7 @@ def main() -> None:
     fp32_ov = export_openvino(fp32_onnx, work / "fp32-ov")
     entries = [
         SpeedEntry("PyTorch eager fp32", get_adapter(model).denoise, inputs, cpu),
-        SpeedEntry("PyTorch eager w8a8-int8 (torch._int_mm)", get_adapter(w8).denoise, inputs, cpu),
+        SpeedEntry("PyTorch eager w8a8-int8 (integer kernels)", get_adapter(w8).denoise, inputs, cpu),
         SpeedEntry("ORT fp32", OnnxRunner(fp32_onnx, threads=a.threads), inputs, cpu),
         SpeedEntry("ORT w8a8-int8-ort-cpu QDQ (ours)",
                    OnnxRunner(export_onnx(w8_ort, work / "qdq-ort"), threads=a.threads), inputs, cpu),
