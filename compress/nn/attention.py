@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from compress.nn.quant import INT8_MAX, fake_quant_int8
+from compress.nn.quant import INT8_MAX, eager_inference, fake_quant_int8
 from compress.nn.registry import replayable
 from compress.nn.timestep import current_grid
 
@@ -151,12 +151,6 @@ replayable(
 INFERENCE_CHUNK = 512  # tokens per chunk of LinearAttention at inference (longer sequences are chunked)
 
 
-def _recorded(x: torch.Tensor) -> bool:
-    """True where the whole-sequence form must run: autograd, tracing, export, compile."""
-    return (torch.is_grad_enabled() or type(x) is not torch.Tensor or torch.jit.is_tracing()
-            or torch.compiler.is_compiling())
-
-
 class LinearAttention(AttentionKernel):
     """ReLU (SANA, LiT) or ELU+1 linear attention, with LiT's depthwise convolution on the values.
 
@@ -183,7 +177,7 @@ class LinearAttention(AttentionKernel):
         return F.relu(x) if self.feature == "relu" else F.elu(x) + 1
 
     def attend(self, q, k, v, scale):
-        if q.shape[2] > INFERENCE_CHUNK and not _recorded(q):
+        if q.shape[2] > INFERENCE_CHUNK and eager_inference(q):  # else autograd / tracing / export see one graph
             return self.attend_in_chunks(q, k, v)
         dtype = v.dtype
         v = v.float()
@@ -219,26 +213,29 @@ class LinearAttention(AttentionKernel):
             torch.div(fq @ kv, fq @ z + _EPS, out=out[:, :, s:s + INFERENCE_CHUNK])
         if self.dwc is not None:
             start, rows, cols = self.image_tokens(length)
-            band, r = max(1, INFERENCE_CHUNK // cols), self.conv // 2
-            weight = self.dwc.weight
+            band = max(1, INFERENCE_CHUNK // cols)
             for r0 in range(0, rows, band):
                 r1 = min(rows, r0 + band)
-                lo, hi = max(0, r0 - r), min(rows, r1 + r)  # the band with its halo, inside the grid
-                grid = v[:, :, start + lo * cols:start + hi * cols].permute(0, 1, 3, 2).reshape(b, h * d, hi - lo, cols)
-                grid = F.pad(grid.to(weight.dtype), (0, 0, r - (r0 - lo), r - (hi - r1)))  # zeros past the grid only
-                conv = F.conv2d(grid, weight, padding=(0, r), groups=h * d).to(out.dtype)
-                dst = out[:, :, start + r0 * cols:start + r1 * cols]
-                dst.add_(conv.reshape(b, h, d, (r1 - r0) * cols).permute(0, 1, 3, 2))
+                out[:, :, start + r0 * cols:start + r1 * cols].add_(self.conv_rows(v, start, rows, cols, r0, r1))
         return out.to(dtype)
+
+    def conv_rows(self, v: torch.Tensor, start: int, rows: int, cols: int, r0: int, r1: int) -> torch.Tensor:
+        """The depthwise convolution's output for grid rows ``r0`` .. ``r1`` of the image tokens (which start at
+        token ``start`` of ``v``), as (b, h, (r1 - r0) * cols, d): it reads those rows and up to ``conv // 2``
+        rows either side, zeros past the grid's edges (the whole grid is the band 0 .. rows)."""
+        b, h, _, d = v.shape
+        r = self.conv // 2
+        lo, hi = max(0, r0 - r), min(rows, r1 + r)  # the band with its halo, inside the grid
+        grid = v[:, :, start + lo * cols:start + hi * cols].permute(0, 1, 3, 2).reshape(b, h * d, hi - lo, cols)
+        grid = F.pad(grid.to(self.dwc.weight.dtype), (0, 0, r - (r0 - lo), r - (hi - r1)))  # zeros past the grid
+        conv = F.conv2d(grid, self.dwc.weight, padding=(0, r), groups=h * d).to(v.dtype)
+        return conv.reshape(b, h, d, (r1 - r0) * cols).permute(0, 1, 3, 2)
 
     def conv_values(self, v: torch.Tensor) -> torch.Tensor:
         """The depthwise convolution of the image tokens' values on their grid; zeros at other tokens."""
         b, h, length, d = v.shape
         start, rows, cols = self.image_tokens(length)
-        img = v[:, :, start:start + rows * cols]
-        grid = img.permute(0, 1, 3, 2).reshape(b, h * d, rows, cols)
-        out = self.dwc(grid.to(self.dwc.weight.dtype)).to(v.dtype)
-        out = out.reshape(b, h, d, rows * cols).permute(0, 1, 3, 2)
+        out = self.conv_rows(v, start, rows, cols, 0, rows)
         if rows * cols == length:
             return out
         before, after = v.new_zeros(b, h, start, d), v.new_zeros(b, h, length - start - rows * cols, d)

@@ -67,6 +67,14 @@ class _DerivedCache(dict):
         return _DerivedCache, ()
 
 
+def eager_inference(x: torch.Tensor) -> bool:
+    """True in plain eager inference on ``x``: no autograd, no tracing, export or compile (whose tensors are not
+    plain tensors). Where inference-only shortcuts (caches, chunked kernels) may run; kept to a few attribute
+    reads, as it runs per layer per call."""
+    return not (torch.is_grad_enabled() or type(x) is not torch.Tensor or torch.jit.is_tracing()
+                or torch.compiler.is_compiling())
+
+
 def reused(layer: nn.Module, name: str, make, *stored: torch.Tensor | None):
     """``make()``, computed once per version of the ``stored`` tensors it derives from, then reused.
 
@@ -74,13 +82,12 @@ def reused(layer: nn.Module, name: str, make, *stored: torch.Tensor | None):
     kernel that beats an fp32 matmul on it at DiT widths: ``_weight_int8pack_mm`` is ~86x slower at the
     reference's shapes, so dequantizing on every call only adds time; reusing it keeps the same values, with
     an fp32 weight's memory while the artifact stays compact) and the integer matmul's packed weight.
-    Under autograd, tracing, export or compile (where the tensors are not plain tensors) it is recomputed, so
-    graphs keep the compact tensors. Called per layer per call: the checks are kept to a few attribute reads
-    (at the reference model's widths a microsecond here is a percent of the model's time).
+    Outside ``eager_inference`` (autograd, tracing, export, compile) it is recomputed, so graphs keep the
+    compact tensors. Called per layer per call: at the reference model's widths a microsecond here is a percent
+    of the model's time.
     """
     first = stored[0]
-    if (torch.is_grad_enabled() or type(first) is not torch.Tensor or torch.jit.is_tracing()
-            or torch.compiler.is_compiling()):
+    if not eager_inference(first):
         return make()
     key = (first.data_ptr(), *[t._version for t in stored if t is not None])  # a moved / new tensor: new key
     cache = layer.__dict__.get("_reused")
@@ -185,6 +192,7 @@ INT8_CPU_BACKEND = "onednn" if _onednn_int8() else "int_mm"  # what CPU INT8 x I
 # per call ``torch._int_mm`` + one scale op is as fast or faster (measured: parity at 256x96x384, the reference
 # model's MLP; 3-6x faster than ``_int_mm`` at DiT-B/2's 1024x768x3072 with AMX)
 ONEDNN_MIN_MACS = 1 << 24
+_ONE, _ZERO = torch.ones(()), torch.zeros((), dtype=torch.int64)  # oneDNN's unit input scale, zero point
 
 
 def int8_linear(layer: "QuantLinear", xq: torch.Tensor, x_scale: torch.Tensor | None,
@@ -193,18 +201,16 @@ def int8_linear(layer: "QuantLinear", xq: torch.Tensor, x_scale: torch.Tensor | 
     in int32. ``x_scale`` is the static per-tensor scale, or None (the caller applies per-token scales).
 
     On x86 CPUs oneDNN's ``qlinear_pointwise`` does the integer GEMM, the rescale and the bias in one call on
-    a weight packed once; at the reference model's widths that fused epilogue is what makes INT8 beat fp32
-    (``torch._int_mm`` followed by an int32-to-float copy and a scale op costs more than the matmul it saved).
-    Elsewhere (CUDA, other CPUs, and CPU calls under ``ONEDNN_MIN_MACS``) ``torch._int_mm`` then one scale op."""
+    a weight packed once (at DiT-B/2's widths 3x faster than ``torch._int_mm`` followed by an int32-to-float copy
+    and a scale op, which cost more than a small matmul saves). Elsewhere (CUDA, other CPUs, and CPU calls under ``ONEDNN_MIN_MACS``) ``torch._int_mm`` then one scale op."""
     bufs = layer._buffers
     qweight, sw = bufs["qweight"], bufs["weight_scale"].reshape(-1)
     if (not xq.is_cuda and INT8_CPU_BACKEND == "onednn"
             and xq.shape[0] * xq.shape[1] * qweight.shape[0] >= ONEDNN_MIN_MACS):
-        packed, zeros, one, zero = reused(layer, "onednn_w", lambda: (
-            torch.ops.onednn.qlinear_prepack(qweight, None), torch.zeros(qweight.shape[0], dtype=torch.int64),
-            torch.ones(()), torch.zeros((), dtype=torch.int64)), qweight)
-        return torch.ops.onednn.qlinear_pointwise.tensor(xq, one if x_scale is None else x_scale, zero, packed, sw,
-                                                         zeros, bias, 1.0, 0, torch.float32, "none", [], "")
+        packed, zeros = reused(layer, "onednn_w", lambda: (torch.ops.onednn.qlinear_prepack(qweight, None),
+                                                            torch.zeros(qweight.shape[0], dtype=torch.int64)), qweight)
+        return torch.ops.onednn.qlinear_pointwise.tensor(xq, _ONE if x_scale is None else x_scale, _ZERO, packed,
+                                                         sw, zeros, bias, 1.0, 0, torch.float32, "none", [], "")
     wt = reused(layer, "int8_wt", lambda: qweight.t().contiguous(), qweight)
     acc = torch._int_mm(xq, wt).float()
     scale = sw if x_scale is None else x_scale.reshape(1, 1) * sw
