@@ -19,8 +19,8 @@ initialised process group) the student is wrapped in DDP, each rank draws its ow
 writes the checkpoints.
 
 ``Trainer`` is the loop; training passes subclass it and override its named hooks
-(``param_groups``, ``extra_module``, ``before_step``, ``losses``, ``extra_loss``, ``extra_state``) instead
-of writing another loop.
+(``param_groups``, ``extra_module``, ``before_step``, ``after_step``, ``losses``, ``extra_loss``,
+``extra_state``) instead of writing another loop.
 """
 
 from __future__ import annotations
@@ -392,6 +392,10 @@ class Trainer:
     def before_step(self, step: int) -> None:
         """Runs before each step (temperature annealing, mask sampling)."""
 
+    def after_step(self, step: int) -> None:
+        """Runs after each optimiser step, before the EMA update and the checkpoint (state driven by the step's
+        own forward, e.g. a MoE router's selection bias)."""
+
     def losses(self, out_s: torch.Tensor, out_t: torch.Tensor | None, target: torch.Tensor, n_traj: int,
                features: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """The named loss terms of one KD step (weighted by ``cfg.loss``): output KD, feature KD, diffusion.
@@ -530,6 +534,7 @@ class Trainer:
                         g["lr"] = g["base_lr"] * lr_factor(cfg, step)
                     self.before_step(step)
                     values = self.train_step(step)
+                    self.after_step(step)
                     if self.ema is not None:
                         with torch.no_grad():
                             for n, p in student.named_parameters():

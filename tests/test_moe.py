@@ -13,7 +13,8 @@ from compress.models.adapters import get_adapter
 from compress.models.provenance import provenance
 from compress.nn.moe import MoEFeedForward
 from compress.nn.timestep import denoiser_call
-from compress.passes.moe import activated_fraction, load_ratio, mlp_params, moe_layers, routing_statistics
+from compress.passes.moe import (activated_fraction, load_ratio, mlp_params, moe_layers, router_distill_loss,
+                                 routing_statistics)
 from compress.recipe import load_recipe, parse_recipe
 from tests.conftest import TINY_NATIVE, randomized_dit
 from tests.test_pruning import outputs, torchrun
@@ -132,6 +133,43 @@ def test_router_and_expert_recovery_moves_toward_the_teacher():
     assert not all(torch.equal(a, b.router.weight) for a, b in zip(routers, moe_layers(untrained).values()))
 
 
+def test_recovery_keeps_the_routing_it_was_trained_under():
+    """The selection bias is adjusted during training from each step's loads, never reset afterwards: with
+    ``balance_rate: 0`` the trained model selects with exactly the bias set at conversion."""
+    model = randomized_dit()
+    train = {"steps": 20, "batch_size": 8, "lr": 1e-3, "warmup": 2, "loss": {"diffusion": 0}}
+    converted = moe(model, experts=8, top_k=2, shared=0)
+    frozen = moe(model, experts=8, top_k=2, shared=0, balance_rate=0.0, training=train)
+    online = moe(model, experts=8, top_k=2, shared=0, balance_rate=0.05, training=train)
+    for a, b, c in zip(*(moe_layers(m).values() for m in (converted, frozen, online))):
+        assert torch.equal(a.balance_bias, b.balance_bias)
+        assert not torch.equal(a.balance_bias, c.balance_bias)
+    rows = compress.passes.PassContext.for_model(model, compress.passes.CalibrationConfig(**CAL),
+                                                 show_progress=False).calibration.rows()
+    assert max(load_ratio(c) for c in routing_statistics(online, rows).values()) <= 1.5
+
+
+def test_router_learns_only_from_distillation_onto_expert_sizes():
+    """The layer's output gives the router no gradient (experts are summed with weight 1); the distillation loss
+    does, and descending it makes the router predict its experts' output norms better."""
+    torch.manual_seed(0)
+    layer = MoEFeedForward(16, 16, [8] * 4, top_k=2, activation="gelu")
+    layer.record_routing = True
+    x = torch.randn(4, 32, 16)
+    layer(x).sum().backward()
+    assert not layer.router.weight.grad.any()
+    opt = torch.optim.Adam(layer.router.parameters(), lr=3e-2)
+    losses = []
+    for _ in range(60):
+        layer(x)
+        loss = router_distill_loss(layer)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.2 * losses[0]
+
+
 def test_cluster_partition_starts_closer_to_dense_than_importance_runs():
     model = randomized_dit()
     ref = outputs(model)
@@ -217,12 +255,18 @@ def test_a_model_without_mlp_views_is_a_clear_error():
 def test_moe_training_runs_under_torchrun_with_experts_no_token_chose(tmp_path):
     """Batch 2 x 16 tokens over 8 top-1 experts: some expert gets no gradient in a step; DDP must cope."""
     out = torchrun("""
-from compress.passes.moe import MoEConfig, MoETrainer
+from compress.passes.moe import MoEConfig, MoETrainer, moe_layers
 cfg = MoEConfig(experts=8, top_k=1, shared=0, training={"steps": 6, "batch_size": 2, "checkpoint_every": 3})
 student = compress.apply_recipe(teacher, {"name": "d", "description": "d", "passes": [
     {"pass": "moe", **cfg.model_dump(exclude={"training"}, by_alias=True)}],
     "defaults": {"calibration": {"samples": 4, "steps": 3}}}, show_progress=False)
+before = torch.cat([m.balance_bias.clone() for m in moe_layers(student).values()])
 MoETrainer(student, cfg, ctx).run()
+bias = torch.cat([m.balance_bias for m in moe_layers(student).values()])
+assert not torch.equal(before, bias), "the selection bias was not adjusted during training"
+biases = [torch.zeros_like(bias) for _ in range(dist.get_world_size())]
+dist.all_gather(biases, bias)
+assert all(torch.equal(biases[0], b) for b in biases), "ranks route with different selection biases"
 """, tmp_path, 29519)
     assert "pass1-moe: 6 steps" in out
     assert (tmp_path / "w" / "pass1-moe.pt").exists()

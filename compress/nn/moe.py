@@ -5,8 +5,10 @@
 Each expert owns a slice of the dense MLP's hidden channels: its rows of ``fc_in`` (value and gate rows
 for gated MLPs) and its columns of ``fc_out``, so with every expert selected the layer is the dense MLP
 exactly. Selected experts are summed with weight 1 (the dense semantics, so the conversion starts from
-the dense function); while training, the weight is ``p / p.detach()`` (1 in value) so the router
-receives the gradient of the loss through its softmax probability ``p``.
+the dense function). The router is therefore not trained through the layer's output (a weight that is 1
+in value gives it a straight-through gradient, which was measured to run away: one expert's logits grow
+until it takes every token); it is trained by distillation, to predict the size of each expert's
+contribution for the token (``router_distill_loss``), as its least-squares initialisation does.
 
 Execution is grouped, not masked: per expert, the tokens routed to it are gathered (``index_select``),
 run through that expert's two matmuls and scattered back (``index_add``), so the work per token is
@@ -123,9 +125,7 @@ class MoEFeedForward(nn.Module):
         logits = self.router_logits(x3).reshape(-1, self.num_experts)
         xf = x3.reshape(-1, self.dim)
         top = (logits + self.balance_bias.to(logits.dtype)).topk(self.top_k, dim=-1).indices  # (N, k)
-        train = torch.is_grad_enabled() and logits.requires_grad
-        prob = logits.softmax(-1) if train or self.record_routing else None
-        weight = prob / prob.detach() if train else None  # 1 in value; carries d loss / d logits
+        prob = logits.softmax(-1) if self.record_routing else None
         out = self.shared(xf) if self.shared is not None else xf.new_zeros(xf.shape[0], self.out_dim)
         if self.out_bias is not None:
             out = out + self.out_bias.to(out.dtype)
@@ -133,13 +133,17 @@ class MoEFeedForward(nn.Module):
             idx = (top == e).any(dim=-1).nonzero().squeeze(-1)  # the tokens routed to expert e
             if not _tracing() and idx.shape[0] == 0:
                 continue
-            y = expert(xf.index_select(0, idx))
-            if weight is not None:
-                y = y * weight.index_select(0, idx)[:, e : e + 1]
-            out = out.index_add(0, idx, y)
+            out = out.index_add(0, idx, expert(xf.index_select(0, idx)))
         if self.record_routing:
-            self.last_routing = {"top": top.detach(), "prob": prob, "batch": x3.shape[0]}
+            self.last_routing = {"top": top.detach(), "prob": prob, "logits": logits, "x": xf.detach(),
+                                 "batch": x3.shape[0]}
+            if logits.requires_grad:  # the router's gradients come from the router losses, not from ``out``; a
+                out = out + 0.0 * logits.sum()  # zero-valued tie keeps DDP's used-parameter search counting it
         return out.reshape(*lead, self.out_dim)
+
+    def expert_sizes(self, x: torch.Tensor) -> torch.Tensor:
+        """(tokens, experts) norms of every expert's output for tokens ``x``: what the router predicts."""
+        return torch.stack([e(x).norm(dim=-1) for e in self.experts], dim=1)
 
     # -- accounting -------------------------------------------------------------------------------
     def activated_params(self) -> float:
