@@ -253,7 +253,8 @@ def fit_router(moe: MoEFeedForward, x: torch.Tensor, t: torch.Tensor) -> float:
     if moe.t_router is not None:
         feats.append(timestep_features(t))
     a = torch.cat([*feats, torch.ones(len(x), 1)], dim=1).double()
-    target = moe.float().expert_sizes(x).double()  # (n, E)
+    w = moe.router.weight  # the experts run in the model's device and dtype; the fit is in float64 on the CPU
+    target = moe.expert_sizes(x.to(w.device, w.dtype)).double().cpu()  # (n, E)
     gram = a.T @ a
     ridge = 1e-4 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
     w = torch.linalg.solve(gram + ridge, a.T @ target)  # (features + 1, E)
@@ -269,9 +270,11 @@ def fit_router(moe: MoEFeedForward, x: torch.Tensor, t: torch.Tensor) -> float:
 @torch.no_grad()
 def balance_router(moe: MoEFeedForward, x: torch.Tensor, t: torch.Tensor, iters: int = 400) -> float:
     """Set ``balance_bias`` so top-k selection spreads tokens ``x`` evenly; returns busiest / mean load."""
-    logits = moe.router(x.to(moe.router.weight.dtype))
+    w = moe.router.weight
+    logits = moe.router(x.to(w.device, w.dtype))
     if moe.t_router is not None:
-        logits = logits + moe.t_router(timestep_features(t).to(logits.dtype))
+        logits = logits + moe.t_router(timestep_features(t).to(w.device, w.dtype))
+    logits = logits.float().cpu()
     e, k = moe.num_experts, moe.top_k
     mean = len(x) * k / e
     bias = torch.zeros(e, dtype=logits.dtype)
