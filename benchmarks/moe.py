@@ -153,7 +153,7 @@ def ablation_part(a, console: Console) -> None:
     for name, change in settings.items():
         data = recipe_with("moe-top2", None)
         data["passes"][0].pop("training")
-        data["passes"][0].update(change)
+        data["passes"][0].update({"shared": 0.125, **change})  # the settings of ablation/conversion.json
         data["name"] = "moe-" + name.replace(" ", "-").replace("/", "_").replace(",", "")
         m = compress.apply_recipe(model, data, ctx=ctx, show_progress=False)
         frac = activated_fraction(m, dense_mlp_params(model))
