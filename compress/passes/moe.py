@@ -24,12 +24,12 @@ For every chosen block, each MLP the adapter exposes (gated ones included) becom
 
 What was measured on the reference model (300 recovery steps, held-out trajectories, relative output MSE
 against the dense model; conversion alone 0.108): training every parameter with the old straight-through
-router gradient reached 0.021 while routing drifted to one expert, and re-balancing afterwards undid it
-(0.108); training every parameter drifts the MLPs' inputs (the adaLN shift moves every token of a sample
+router gradient reached 0.021, and re-balancing afterwards undid it (0.108); that gradient, with the bias
+adjusted each step, still drove the routing onto one expert's tokens (busiest / mean 4.0, error 0.97);
+training every parameter drifts the MLPs' inputs (the adaLN shift moves every token of a sample
 alike), which collapses block 0's routing onto one expert within 30 steps even with the router frozen,
 and chasing that drift with the balance bias diverges (0.78-9.2). Training only the MoE layers keeps the
 inputs the routers were fitted on, and the loads stay within 1.6x of the mean batch by batch.
-
 
 What is converted per family: native DiT ``blocks.N.mlp``; diffusers DiT and PixArt ``ff``; SD3 ``ff``
 and ``ff_context``; Flux joint blocks ``ff`` and ``ff_context``; Flux single blocks, whose ``proj_out`` is
