@@ -125,7 +125,6 @@ class MoEFeedForward(nn.Module):
         logits = self.router_logits(x3).reshape(-1, self.num_experts)
         xf = x3.reshape(-1, self.dim)
         top = (logits + self.balance_bias.to(logits.dtype)).topk(self.top_k, dim=-1).indices  # (N, k)
-        prob = logits.softmax(-1) if self.record_routing else None
         out = self.shared(xf) if self.shared is not None else xf.new_zeros(xf.shape[0], self.out_dim)
         if self.out_bias is not None:
             out = out + self.out_bias.to(out.dtype)
@@ -135,8 +134,7 @@ class MoEFeedForward(nn.Module):
                 continue
             out = out.index_add(0, idx, expert(xf.index_select(0, idx)))
         if self.record_routing:
-            self.last_routing = {"top": top.detach(), "prob": prob, "logits": logits, "x": xf.detach(),
-                                 "batch": x3.shape[0]}
+            self.last_routing = {"top": top.detach(), "logits": logits, "x": xf.detach(), "batch": x3.shape[0]}
             if logits.requires_grad:  # the router's gradients come from the router losses, not from ``out``; a
                 out = out + 0.0 * logits.sum()  # zero-valued tie keeps DDP's used-parameter search counting it
         return out.reshape(*lead, self.out_dim)

@@ -202,7 +202,8 @@ def int8_linear(layer: "QuantLinear", xq: torch.Tensor, x_scale: torch.Tensor | 
 
     On x86 CPUs oneDNN's ``qlinear_pointwise`` does the integer GEMM, the rescale and the bias in one call on
     a weight packed once (at DiT-B/2's widths 3x faster than ``torch._int_mm`` followed by an int32-to-float copy
-    and a scale op, which cost more than a small matmul saves). Elsewhere (CUDA, other CPUs, and CPU calls under ``ONEDNN_MIN_MACS``) ``torch._int_mm`` then one scale op."""
+    and a scale op, which cost more than a small matmul saves). Elsewhere (CUDA, other CPUs, and CPU calls
+    under ``ONEDNN_MIN_MACS``) ``torch._int_mm`` then one scale op."""
     bufs = layer._buffers
     qweight, sw = bufs["qweight"], bufs["weight_scale"].reshape(-1)
     if (not xq.is_cuda and INT8_CPU_BACKEND == "onednn"

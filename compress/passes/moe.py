@@ -267,6 +267,12 @@ def fit_router(moe: MoEFeedForward, x: torch.Tensor, t: torch.Tensor) -> float:
     return float(1 - resid / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12))
 
 
+def load_excess(load: torch.Tensor) -> torch.Tensor:
+    """How much busier than the mean each expert is (tokens per expert / mean - 1), clipped to [-1, 1]: the
+    direction and size of one balancing step on the selection bias."""
+    return (load / load.mean().clamp_min(1e-12) - 1).clamp(-1, 1)
+
+
 @torch.no_grad()
 def balance_router(moe: MoEFeedForward, x: torch.Tensor, t: torch.Tensor, iters: int = 400) -> float:
     """Set ``balance_bias`` so top-k selection spreads tokens ``x`` evenly; returns busiest / mean load."""
@@ -285,7 +291,7 @@ def balance_router(moe: MoEFeedForward, x: torch.Tensor, t: torch.Tensor, iters:
         ratio = float(load.max() / mean)
         if ratio < best_ratio:
             best, best_ratio = bias.clone(), ratio
-        bias -= step * (load / mean - 1).clamp(-1, 1) * (0.99 ** i)
+        bias -= step * load_excess(load) * (0.99 ** i)
     moe.balance_bias.copy_(best - best.mean())
     return best_ratio
 
@@ -442,7 +448,7 @@ def router_distill_loss(moe: MoEFeedForward) -> torch.Tensor:
 def switch_balance_loss(moe: MoEFeedForward) -> torch.Tensor:
     """E * sum_e f_e P_e (Switch Transformer): f_e share of routed slots, P_e mean router probability."""
     r = moe.last_routing
-    prob, top = r["prob"], r["top"]
+    prob, top = r["logits"].softmax(-1), r["top"]
     share = torch.bincount(top.reshape(-1), minlength=moe.num_experts).to(prob.dtype) / top.numel()
     return moe.num_experts * (share * prob.mean(0)).sum()
 
@@ -489,8 +495,7 @@ class MoETrainer(Trainer):
             dist.all_reduce(both)
             loads, scale = both[:, :-1].cpu(), both[:, -1].cpu() / self.world
         for m, load, s in zip(live, loads, scale):
-            rel = (load / load.mean().clamp_min(1) - 1).clamp(-1, 1)
-            bias = m.balance_bias - rate * float(s) * rel.to(m.balance_bias)
+            bias = m.balance_bias - rate * float(s) * load_excess(load).to(m.balance_bias)
             m.balance_bias.copy_(bias - bias.mean())
 
     def extra_loss(self, losses: dict[str, torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
