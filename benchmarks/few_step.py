@@ -38,7 +38,8 @@ RUNS = Path("runs/few-step")
 STUDENTS = {
     "guidance-distill": ("guidance-distill", {}),
     "few-step-4": ("few-step-4", {}),
-    "two-step": ("one-step", {"student": {"steps": 2}}),  # one-step's schedule, stopped one round earlier
+    # one-step's schedule stopped one round earlier (its last round's timestep label is for one step only)
+    "two-step": ("one-step", {"student": {"steps": 2}, "progressive": {"start_steps": 32}}),
     "one-step": ("one-step", {}),
     "prune-few-step-4": ("prune-few-step-4", {}),
 }

@@ -105,14 +105,22 @@ def quality_part(a, console: Console) -> None:
     ctx = PassContext.for_model(model, recipe.defaults.calibration, show_progress=False)
     data = recipe_with("moe-top2", None)
     for p in data["passes"]:
-        if p["pass"] == "moe" and a.recovery_steps:
-            p["training"]["steps"] = a.recovery_steps
-    moe = trained("moe-top2", data, model, ctx, console, runs=a.runs)
+        if p["pass"] == "moe":
+            if a.recovery_steps:
+                p["training"]["steps"] = a.recovery_steps
+            p.update({k: v for k, v in (("experts", a.experts), ("top_k", a.top_k), ("shared", a.shared))
+                      if v is not None})
+    overrides = [(f, v) for f, v in (("recovery-steps", a.recovery_steps), ("experts", a.experts),
+                                     ("top-k", a.top_k), ("shared", a.shared)) if v is not None]
+    shape = (a.experts, a.top_k, a.shared)  # another expert layout than moe-top2's: its own name and artifact
+    name = "moe-top2" if shape == (None, None, None) else (
+        f"moe-e{a.experts or 8}-top{a.top_k or 2}" + (f"-shared{a.shared:g}" if a.shared is not None else ""))
+    moe = trained(name, data, model, ctx, console, runs=a.runs)
     cfg = BenchConfig(samples=a.samples, steps=REFERENCE_STEPS, cfg_scale=REFERENCE_CFG, speed_batch=64)
     command = (f"python -m benchmarks.moe --part quality --samples {a.samples} --composite-samples "
-               f"{a.composite_samples}")
+               f"{a.composite_samples}" + "".join(f" --{f} {v}" for f, v in overrides))
     frac = activated_fraction(moe.model, dense_mlp_params(model))
-    report = run_bench(Variant("source", model), [variant_from_source(str(a.runs / "moe-top2"), "moe-top2")], cfg,
+    report = run_bench(Variant("source", model), [variant_from_source(str(a.runs / name), name)], cfg,
                        a.out / "quality", console=console,
                        extra={"command": command, "activated_mlp_params": round(frac, 4)})
     calib = ctx.calibration.rows().spread(a.util_rows)
@@ -126,7 +134,7 @@ def quality_part(a, console: Console) -> None:
     }
     write_json(summary, a.out / "utilisation.json")
     heatmap(util["calibration"], a.out / "utilisation.png",
-            f"moe-top2 on the reference DiT: tokens per expert / mean ({len(calib)} calibration rows)")
+            f"{name} on the reference DiT: tokens per expert / mean ({len(calib)} calibration rows)")
     console.print(f"activated MLP params per token {frac:.1%}; busiest / mean: "
                   f"{summary['worst_block_busiest_over_mean']}")
     if a.composite_samples:
@@ -215,6 +223,9 @@ def main() -> None:
     p.add_argument("--part", choices=["quality", "ablation", "speed"], default="quality")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--recovery-steps", type=int, default=None, help="override moe-top2's training steps")
+    p.add_argument("--experts", type=int, default=None, help="quality: override moe-top2's routed experts")
+    p.add_argument("--top-k", type=int, default=None, help="quality: override moe-top2's experts per token")
+    p.add_argument("--shared", type=float, default=None, help="quality: override moe-top2's shared fraction")
     p.add_argument("--composite-samples", type=int, default=300, help="quality: samples for moe-top2-w8a8 (0: skip)")
     p.add_argument("--calib-samples", type=int, default=256, help="ablation: calibration images (moe-top2: 256)")
     p.add_argument("--util-rows", type=int, default=4096, help="calibration rows routed for the utilisation map")

@@ -208,7 +208,11 @@ def export_onnx_cmd(model: str = typer.Argument(..., help="artifact dir or any m
                                                                "fp32, 2e-2 fake-quant)"),
                     force: bool = typer.Option(False, help="replace an existing output directory"),
                     qdq_activations: str = typer.Option("uint8", help="INT8 activations in QDQ: 'uint8' (ONNX "
-                                                                      "Runtime on x86) or 'int8' (TensorRT)")
+                                                                      "Runtime on x86) or 'int8' (TensorRT)"),
+                    qdq_weights: str = typer.Option("auto", help="INT8 weights in QDQ: 'int8', 'uint8' (zero point "
+                                                                 "128: ONNX Runtime's U8U8 kernels, exact on x86 "
+                                                                 "CPUs without VNNI), or 'auto' (uint8 for 8-bit "
+                                                                 "weights when this CPU has no VNNI)")
                     ) -> None:
     """Export to ONNX and validate with ONNX Runtime; a failed validation leaves nothing behind."""
     from compress import load_model
@@ -221,7 +225,7 @@ def export_onnx_cmd(model: str = typer.Argument(..., help="artifact dir or any m
         raise DitCompressError(f"--tolerance {tolerance}: a relative error between 0 and 1.")
     check_output_path(out, (ONNX_EXPORT,), force)
     export_onnx(load_model(model), out, opset=opset, force=force, tolerance=tolerance, console=console,
-                qdq_activations=qdq_activations, source=_source_id(model))
+                qdq_activations=qdq_activations, qdq_weights=qdq_weights, source=_source_id(model))
 
 
 @export_app.command("openvino")

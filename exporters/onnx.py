@@ -32,7 +32,7 @@ from compress.errors import DitCompressError
 from compress.io import ONNX_EXPORT, atomic_directory, kind_of, write_marker
 from compress.models.adapters import get_adapter
 from compress.models.size import param_count
-from exporters.qdq import lower_for_export, qdq_translations
+from exporters.qdq import lower_for_export, qdq_translations, weight_forms
 from exporters.runtime import Runner, contract_of, export_meta, graph_inputs, numpy_feeds, register_runtime
 from exporters.segments import OrtSegments, check_segments, export_segments, refuse_policy
 
@@ -173,11 +173,14 @@ def validate_onnx(onnx_path: Path, model: nn.Module, *, timesteps=(50.0, 500.0, 
 
 def export_onnx(model: nn.Module, out_dir: str | Path, *, opset: int = 20, force: bool = False,
                 tolerance: float | None = None, console=None, qdq_activations: str = "uint8",
-                source: str | None = None) -> Path:
+                qdq_weights: str = "auto", source: str | None = None) -> Path:
     """Export ``model``'s denoiser to ``out_dir/model.onnx`` and validate it; atomic, fails loudly.
 
     INT8 W8A8 layers go out as QDQ with ``qdq_activations`` "uint8" (zero point 128: ONNX Runtime on x86)
-    or "int8" (zero point 0: TensorRT); they are swapped for explicit export modules on a copy, ``model``
+    or "int8" (zero point 0: TensorRT), and ``qdq_weights`` "int8", or "uint8" (zero point 128: ONNX Runtime's
+    U8U8 kernels, exact on x86 CPUs without VNNI); "auto" is int8 except for 8-bit weights with uint8
+    activations on a host CPU without VNNI (``qdq_weight_dtype``). They are swapped for explicit export modules
+    on a copy, ``model``
     is never modified. ``source`` (a model name or artifact path) is recorded for the reader's information;
     the sampling contract in ``export.json`` is what runners use. ``force`` replaces an existing ONNX export
     (and nothing else).
@@ -185,6 +188,9 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, opset: int = 20, force
     if qdq_activations not in ("uint8", "int8"):
         raise DitCompressError(f"qdq_activations must be 'uint8' (ONNX Runtime CPU) or 'int8' (TensorRT), "
                                f"not {qdq_activations!r}.")
+    if qdq_weights not in ("auto", "int8", "uint8"):
+        raise DitCompressError(f"qdq_weights must be 'auto', 'int8' or 'uint8' (ONNX Runtime on x86 CPUs without "
+                               f"VNNI), not {qdq_weights!r}.")
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
@@ -198,7 +204,7 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, opset: int = 20, force
     adapter = get_adapter(model)
     contract = adapter.contract()
     refuse_policy(contract)
-    traced, n_qdq = lower_for_export(model, qdq_activations)
+    traced, n_qdq = lower_for_export(model, qdq_activations, qdq_weights)
     x, t, cond = _inputs(contract, 2, 500.0, 0)
     keys = sorted(cond)
     wrapper = Denoiser(traced, keys).eval()
@@ -223,8 +229,8 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, opset: int = 20, force
                 log.append(f"torch.onnx dynamo exporter, opset {opset}, graph optimised")
                 if n_qdq:
                     log.append(f"{n_qdq} INT8 layers as QuantizeLinear/DequantizeLinear ({qdq_activations} "
-                               f"activations, int8 per-channel weights); other quantized layers as fake-quant "
-                               f"float ops")
+                               f"activations, per-channel weights: {weight_forms(traced)}); other quantized "
+                               f"layers as fake-quant float ops")
                 if n_fixed := fix_noop_squeeze(path):
                     log.append(f"rewrote {n_fixed} no-op Squeeze node(s) to Identity")
             except Exception as e:  # noqa: BLE001 - fall back, and say so
@@ -260,7 +266,8 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, opset: int = 20, force
                                                                      "resolution_reason": "position embeddings are "
                                                                      "fixed-size tables in every supported family"},
                 "opset": opset, "log": log, "qdq_layers": n_qdq,
-                "qdq_activations": qdq_activations if n_qdq else None, "source": source,
+                "qdq_activations": qdq_activations if n_qdq else None,
+                "qdq_weights": weight_forms(traced) if n_qdq else None, "source": source,
                 "recipe": (provenance_recipe(model) or None), "params": param_count(model),
                 "sampling": contract.model_dump(mode="json"), "validation": report,
                 "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__}

@@ -69,6 +69,25 @@ def test_w8a8_exports_as_qdq_with_integer_weights(tiny_native, tmp_path, acts):
     assert (onnx.TensorProto.UINT8 if acts == "uint8" else onnx.TensorProto.INT8) in zps
 
 
+def test_8_bit_weights_go_out_as_uint8_for_a_host_without_vnni_and_validate(tiny_native, tmp_path, monkeypatch):
+    # ONNX Runtime's U8S8 kernels saturate on 8-bit weights without VNNI; its U8U8 ones are exact on every x86 CPU
+    import onnx
+    from exporters import qdq
+
+    monkeypatch.setattr(qdq, "CPU_INT8_DOT", False)
+    r = parse_recipe({"name": "q", "description": "q", "defaults": {"calibration": {"samples": 4, "steps": 4}},
+                      "passes": [{"pass": "quantize", "weights": {"dtype": "int8"}, "activations": {}}]})
+    d = export_onnx(apply_recipe(tiny_native, r, show_progress=False), tmp_path / "q")
+    meta = json.loads((d / "export.json").read_text())
+    assert meta["validation"]["passed"] and meta["qdq_weights"] == "16 uint8"
+    weights = [i for i in onnx.load(str(d / "model.onnx")).graph.initializer if len(i.dims) == 2
+               and i.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)]
+    assert len(weights) == 16 and all(i.data_type == onnx.TensorProto.UINT8 for i in weights)
+    # 7-bit weights never saturate: they stay int8, as an explicit qdq_weights does
+    assert json.loads((export_onnx(_w8a8(tiny_native), tmp_path / "r") / "export.json").read_text())[
+        "qdq_weights"] == "16 int8"
+
+
 def test_qdq_export_samples_like_fake_quant_model(tmp_path):
     q = _w8a8(load_model("reference"))
     runner = OnnxRunner(export_onnx(q, tmp_path / "q"))

@@ -191,6 +191,10 @@ def test_quantization_after_a_few_step_pass_calibrates_along_the_students_schedu
     ({"objective": "recovery", "guidance": {}}, "field 'guidance'"),
     ({"objective": "dmd", "student": {"steps": 2}, "dmd": {"fake_lr_ratio": 1, "t_range": [900, 100]}},
      "dmd.t_range"),
+    ({"objective": "progressive", "student": {"steps": 2}, "progressive": {"start_steps": 4, "one_step_timestep": 399}},
+     "progressive.one_step_timestep"),
+    ({"objective": "progressive", "student": {"steps": 1}, "progressive": {"start_steps": 2, "one_step_timestep": 1000}},
+     "progressive.one_step_timestep"),
 ])
 def test_bad_distillation_configs_name_the_field(step, needle):
     with pytest.raises(DitCompressError) as e:
@@ -353,3 +357,31 @@ def test_dmd_on_a_flow_source_trains_stably(family):
     student = generate(s, 4, seed=0).images
     source = generate(src, 4, seed=0, contract=get_adapter(src).contract().with_overrides(steps=8)).images
     assert torch.isfinite(student).all() and student.std() < 5 * source.std()
+
+
+def test_a_one_step_student_trained_at_a_timestep_label_is_called_and_sampled_at_that_label(monkeypatch):
+    from compress.distillation import progressive
+
+    seen = []
+    real = progressive.ProgressiveRound.student_call
+    monkeypatch.setattr(progressive.ProgressiveRound, "student_call",
+                        lambda self, module, x, t, *a: seen.append((tuple(self.teacher_grid), sorted(set(t.tolist()))))
+                        or real(self, module, x, t, *a))
+    step = {"objective": "progressive", "student": {"steps": 1}, "progressive": {"start_steps": 4, "one_step_timestep": 399}}
+    s = compress.apply_recipe(randomized_dit(), recipe({"pass": "distill", **step, **ONE}), show_progress=False)
+    # round 1 (4 -> 2 steps) at the grid's own points; round 2's single call at the label, on the grid's first input
+    assert seen[0][0] == (999.0, 749.0, 499.0, 249.0) and set(seen[0][1]) <= {999.0, 499.0}
+    assert seen[1] == ((999.0, 499.0), [399.0])
+    c = get_adapter(s).contract()
+    assert c.timesteps == [399.0] and c.nfe == 1 and c.sampler == "tcd"
+    calls = []
+    hook = s.register_forward_pre_hook(lambda mod, args: calls.append(args[1].reshape(-1)[0].item()))
+    g = generate(s, 2, seed=0)
+    hook.remove()
+    assert torch.isfinite(g.images).all() and calls == [399.0]
+
+
+def test_a_timestep_label_on_a_flow_source_is_refused_naming_the_field():
+    step = {"objective": "progressive", "student": {"steps": 1}, "progressive": {"start_steps": 2, "one_step_timestep": 399}}
+    with pytest.raises(DitCompressError, match="progressive.one_step_timestep"):
+        compress.apply_recipe(tiny_diffusers_model("sd3"), recipe({"pass": "distill", **step, **ONE}), show_progress=False)

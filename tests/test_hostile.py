@@ -573,6 +573,7 @@ def test_weights_swapped_for_another_models(world, artifact):
     (["export", "onnx", "{root}/nope", "--out", "{root}/o"], "no such file or directory"),
     (["export", "onnx", "reference", "--out", "{root}/o", "--opset", "10"], "opset 18 or newer"),
     (["export", "onnx", "reference", "--out", "{root}/o", "--qdq-activations", "int4"], "qdq_activations"),
+    (["export", "onnx", "reference", "--out", "{root}/o", "--qdq-weights", "int4"], "qdq_weights"),
     (["export", "onnx", "reference", "--out", "{root}/o", "--tolerance", "5"], "--tolerance"),
     (["export", "tensorrt", "reference", "--out", "{root}/o"], "TensorRT is not installed"),
     (["bench", "{root}/nope", "--out", "{root}/b"], "does not load"),

@@ -14,12 +14,20 @@ BACKENDS = ["int_mm", pytest.param("onednn", marks=pytest.mark.skipif(
     not quant._onednn_int8(), reason="this torch build has no oneDNN qlinear ops (non-x86)"))]
 
 
+def exact_here(backend: str, reduce_range: bool = False) -> bool:
+    """Whether ``backend``'s CPU kernel computes the exact integer sum on this CPU: torch._int_mm always (a scalar
+    loop without VNNI), oneDNN with VNNI/AMX, or without them on 7-bit weights only (AVX2 int16 pair sums)."""
+    return backend == "int_mm" or quant.CPU_INT8_DOT or reduce_range
+
+
 def counted_int8_calls(monkeypatch, backend: str) -> list:
     """Pin the CPU integer backend (oneDNN at every size) and record the shape of every integer matmul's input
-    rows, and "_int_mm" for every call of torch's integer matmul (which the oneDNN backend must not make)."""
+    rows, and "_int_mm" for every call of torch's integer matmul (which the oneDNN backend must not make). A
+    backend that is exact on this CPU is also allowed for 8-bit weights (CPU_INT8_DOT), as on a VNNI CPU."""
     calls = []
     real, real_mm = quant.int8_linear, torch._int_mm
     monkeypatch.setattr(quant, "INT8_CPU_BACKEND", backend)
+    monkeypatch.setattr(quant, "CPU_INT8_DOT", exact_here(backend))
     monkeypatch.setattr(quant, "ONEDNN_MIN_MACS", 0)
     monkeypatch.setattr(quant, "int8_linear", lambda layer, xq, *a: calls.append(xq.shape) or real(layer, xq, *a))
     monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append("_int_mm") or real_mm(a, b))
@@ -30,6 +38,9 @@ def counted_int8_calls(monkeypatch, backend: str) -> list:
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 @pytest.mark.parametrize("extras", [{}, {"reduce_range": True}, {"smooth": True, "rank": 4}, {"bias": False}])
 def test_integer_kernel_equals_the_fake_quant_arithmetic(mode, extras, backend, monkeypatch):
+    if not exact_here(backend, extras.get("reduce_range", False)):
+        pytest.skip("this CPU has no VNNI: oneDNN's AVX2 kernels saturate on 8-bit weights, so those layers stay on "
+                    "the fake-quant arithmetic (test_a_cpu_without_vnni_...)")
     calls = counted_int8_calls(monkeypatch, backend)
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 288, bias=extras.get("bias", True))
@@ -49,6 +60,8 @@ def test_integer_kernel_equals_the_fake_quant_arithmetic(mode, extras, backend, 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_w8a8_model_runs_integer_matmuls_in_every_quantized_layer(backend, monkeypatch):
+    if not exact_here(backend):
+        pytest.skip("this CPU has no VNNI: w8a8-int8's 8-bit weights stay on the fake-quant arithmetic here")
     m = compress.apply_recipe(randomized_dit(), "w8a8-int8", show_progress=False)
     n_layers = sum(isinstance(mod, QuantLinear) for mod in m.modules())
     calls = counted_int8_calls(monkeypatch, backend)
@@ -77,3 +90,33 @@ def test_a_quantized_layer_that_ran_deep_copies_and_pickles_to_the_same_outputs(
         buf.seek(0)
         for other in (copy.deepcopy(q), torch.load(buf, weights_only=False)):
             assert torch.equal(other(x), y)
+
+
+@pytest.mark.parametrize("arch, vnni, amx, vectorised", [("x86_64", False, False, False), ("x86_64", True, False, True),
+                                                         ("x86_64", False, True, True), ("aarch64", False, False, True)])
+def test_only_x86_cpus_without_vnni_or_amx_count_as_lacking_int8_dot_products(arch, vnni, amx, vectorised, monkeypatch):
+    # there torch._int_mm is a scalar loop and oneDNN's AVX2 kernels saturate on 8-bit weights
+    monkeypatch.setattr(quant.platform, "machine", lambda: arch)
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert quant._cpu_has_int8_dot() is vectorised
+
+
+@pytest.mark.skipif(not quant._onednn_int8(), reason="this torch build has no oneDNN qlinear ops (non-x86)")
+def test_a_cpu_without_vnni_runs_only_7_bit_weights_on_integer_kernels_and_keeps_every_output_exact(monkeypatch):
+    calls = counted_int8_calls(monkeypatch, "onednn")
+    monkeypatch.setattr(quant, "CPU_INT8_DOT", False)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([500.0, 500.0]), {"y": torch.tensor([1, 2])}
+    for recipe, integer_layers in (("w8a8-int8", 0), ("w8a8-int8-ort-cpu", 16)):
+        m = compress.apply_recipe(randomized_dit(), recipe, show_progress=False)
+        adapter = compress.get_adapter(m)
+        calls.clear()
+        with torch.no_grad():
+            out = adapter.forward(x, t, y)
+            assert len(calls) == integer_layers and "_int_mm" not in calls
+            for mod in m.modules():
+                if isinstance(mod, QuantLinear):
+                    mod.kernel = "reference"
+            ref = adapter.forward(x, t, y)
+        # 8-bit weights: the fake-quant path itself; 7-bit: oneDNN's AVX2 sums do not saturate, one fp32 rounding
+        assert (out - ref).abs().max() <= (0 if integer_layers == 0 else 2e-6) * ref.abs().max()

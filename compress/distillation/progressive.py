@@ -6,6 +6,11 @@ target is the one whose single DDIM step lands on the same point. The student of
 of the next; ``start_steps`` halve to ``student.steps``. The loss is the output-space error with a
 truncated-SNR weight (an x0-space error at high noise, where few-step students lose most), and every round
 checkpoints on its own, so a killed run resumes inside the round it was in.
+
+A one-step student of an epsilon source may take its single call at another timestep label than the grid's 999
+(``progressive.one_step_timestep``, DMD2's "conditioning timestep"): the input is still pure noise, but the
+image is read off the output with that label's coefficients, so an output error is not divided by
+sqrt(alpha_bar_999) ~ 0.006.
 """
 
 from __future__ import annotations
@@ -20,19 +25,22 @@ from compress.distillation.student import add_guidance_input, student_contract
 from compress.distillation.core import grid
 from compress.distillation.settings import ProgressiveSettings
 from compress.distillation.trainer import DistillTrainer, Guidance, check_schedule, objective_tag
+from compress.errors import DitCompressError
 from compress.models.adapters import get_adapter
 
 
 class ProgressiveRound(DistillTrainer):
     """One halving: ``teacher_grid`` has twice the points of the student's (every other one)."""
 
-    def __init__(self, *args, teacher_grid: list[float], **kw):
+    def __init__(self, *args, teacher_grid: list[float], one_step_label: float | None = None, **kw):
         super().__init__(*args, **kw)
         self.teacher_grid = teacher_grid
         self.student_grid = teacher_grid[::2]
+        self.one_step_label = one_step_label  # a one-step student's call: this label on the grid's first input
 
     def objective_key(self) -> dict:
-        return {"teacher_grid": self.teacher_grid}
+        key = {"teacher_grid": self.teacher_grid}
+        return key if self.one_step_label is None else {**key, "one_step_timestep": self.one_step_label}
 
     def train_step(self, step: int) -> dict[str, float]:
         n, d = self.cfg.batch_size, self.diffusion
@@ -47,9 +55,11 @@ class ProgressiveRound(DistillTrainer):
         cond = self.cond_to(cond)
         x_mid = d.ode_step(self.teacher_output(x, t, cond, w), x, t, t_mid)
         x_next = d.ode_step(self.teacher_output(x_mid, t_mid, cond, w), x_mid, t_mid, t_next)
-        target = d.output_for(x, t, x_next, t_next)
-        out = self.student_call(self.model, x, t, cond, w)
-        loss = (d.snr_weight(t, out) * (out - target).pow(2)).mean()
+        # the student's call: at its own label (a one-step student's), the output whose single step lands there
+        ts = t if self.one_step_label is None else torch.full_like(t, self.one_step_label)
+        target = d.output_for(x, ts, x_next, t_next)
+        out = self.student_call(self.model, x, ts, cond, w)
+        loss = (d.snr_weight(ts, out) * (out - target).pow(2)).mean()
         self.optimize(loss)
         return {"loss": float(loss.detach()), "weighted_mse": float(loss.detach())}
 
@@ -72,13 +82,21 @@ def distill_progressive(model: nn.Module, config, ctx) -> nn.Module:
     if source.prediction == "epsilon":
         points = [float(round(t)) for t in points]
     check_schedule(points, source.prediction, "progressive.start_steps")
+    label = settings.one_step_timestep
+    if label is not None:
+        if source.prediction != "epsilon":
+            raise DitCompressError("pass 'distill', field 'progressive.one_step_timestep': for epsilon sources only; a "
+                                   "flow source's single step (x - v at t = 1000) divides by nothing")
+        check_schedule([label], source.prediction, "progressive.one_step_timestep")
     for r in range(1, rounds + 1):
         tag, file = objective_tag(ctx, config, f"-round{r}" if r > 1 else "")
+        last_label = label if r == rounds else None
         ProgressiveRound(model, teacher, config.training(), ctx.run, ctx.calibration, tag, guidance=guidance,
-                         file=file, teacher_grid=points).run()
-        ctx.run.note(f"progressive round {r}/{rounds}: {steps} -> {steps // 2} steps")
+                         file=file, teacher_grid=points, one_step_label=last_label).run()
+        ctx.run.note(f"progressive round {r}/{rounds}: {steps} -> {steps // 2} steps"
+                     + (f", its call labelled t = {last_label:g}" if last_label is not None else ""))
         steps //= 2
-        points = points[::2]
+        points = points[::2] if last_label is None else [float(last_label)]
         if r < rounds:
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
             get_adapter(teacher).set_contract(_round_contract(model, points, guidance))

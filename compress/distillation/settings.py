@@ -58,6 +58,13 @@ class ProgressiveSettings(_Strict):
     start_steps: int = Field(64, ge=2, le=1024, description="DDIM steps of the first teacher; every round halves them "
                                                             "until student.steps (start_steps = steps x 2^rounds). "
                                                             "'steps' (the trainer's) are optimiser steps per round.")
+    one_step_timestep: float | None = Field(
+        None, gt=0, lt=1000,
+        description="One-step students of an epsilon source: the timestep label of the single call on pure noise, "
+                    "whose (signal, noise) coefficients turn its epsilon output into the image (DMD2's "
+                    "'conditioning timestep'); the last round trains the call at it, and the contract samples at it. "
+                    "At 999 the image is (x - 0.99998 eps) / 0.0064 on the DiT schedule, which amplifies every output "
+                    "error ~150x; at 399 the factor is 2. None: 999, the first point of the grid.")
 
 
 class ConsistencySettings(_Strict):

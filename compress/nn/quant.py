@@ -6,6 +6,8 @@ the arithmetic is exactly "dequantize, then fp32 matmul", which is also what a Q
 
 from __future__ import annotations
 
+import platform
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -187,11 +189,28 @@ def _onednn_int8() -> bool:
             and hasattr(ops, "qlinear_prepack"))
 
 
+def _cpu_has_int8_dot() -> bool:
+    """True where this CPU has int8 dot-product instructions that accumulate in int32: x86 with VNNI
+    (AVX512-VNNI, AVX-VNNI) or AMX, and non-x86 builds (not measured here). x86 CPUs without them (AVX2 only:
+    AMD Zen 3, pre-Cascade-Lake Xeons) change two things, both measured on a Zen 3 EPYC with torch 2.13:
+    ``torch._int_mm`` is a scalar loop there, ~30x slower than an fp32 matmul (9.1 ms against 0.28 ms at
+    256x96x384), and oneDNN's AVX2 INT8 kernels sum pairs of u8 x s8 products in int16 (``vpmaddubsw``), which
+    saturates with 8-bit weights (relative error 0.23 against the exact sum) and is exact only with 7-bit ones
+    (``reduce_range``: 2 x 255 x 63 < 2^15), the reason ONNX Runtime and fbgemm reduce the range on such CPUs."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    vnni = getattr(torch.cpu, "_is_vnni_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((vnni is not None and vnni()) or (amx is not None and amx()))
+
+
 INT8_CPU_BACKEND = "onednn" if _onednn_int8() else "int_mm"  # what CPU INT8 x INT8 layers call (tests pin it)
+CPU_INT8_DOT = _cpu_has_int8_dot()  # False: CPU integer kernels only for 7-bit weights, always through oneDNN
 # oneDNN's call has a fixed cost of ~30 us (descriptors, scales, primitive lookup): below this many multiply-adds
-# per call ``torch._int_mm`` + one scale op is as fast or faster (measured: parity at 256x96x384, the reference
-# model's MLP; 3-6x faster than ``_int_mm`` at DiT-B/2's 1024x768x3072 with AMX)
-ONEDNN_MIN_MACS = 1 << 24
+# per call ``torch._int_mm`` + one scale op is as fast or faster where the CPU has VNNI (measured: parity at
+# 256x96x384, the reference model's MLP; 3-6x faster than ``_int_mm`` at DiT-B/2's 1024x768x3072 with AMX).
+# Without VNNI ``_int_mm`` is a scalar loop and every CPU call goes to oneDNN.
+ONEDNN_MIN_MACS = 1 << 24 if CPU_INT8_DOT else 0
 _ONE, _ZERO = torch.ones(()), torch.zeros((), dtype=torch.int64)  # oneDNN's unit input scale, zero point
 
 
@@ -233,7 +252,9 @@ class QuantLinear(nn.Module):
 
     INT8 x INT8 layers with per-channel weights run an integer matmul (``torch._int_mm``: oneDNN's VNNI / AMX
     kernels on x86 CPUs, cuBLASLt on CUDA), exact in int32 and scaled once; FP8 x FP8 uses ``torch._scaled_mm``
-    on CUDA. Everything else (INT4 / FP8 on CPU, per-group weights) is fake-quant in fp32: the same values a QDQ
+    on CUDA. On x86 CPUs without VNNI only 7-bit (``reduce_range``) weights take the integer path (oneDNN's AVX2
+    kernels saturate on 8-bit ones: ``_cpu_has_int8_dot``). Everything else (INT4 / FP8 on CPU, per-group
+    weights) is fake-quant in fp32: the same values a QDQ
     graph computes, and the reference the integer path is tested against. ``kernel = "reference"`` forces the
     fake-quant arithmetic; it is also what tracing for export and torch.compile see.
     """
@@ -371,7 +392,9 @@ class QuantLinear(nn.Module):
             return False
         if x.is_cuda:  # cuBLASLt's shape constraints
             return self.in_features % 16 == 0 and self.out_features % 16 == 0 and x.numel() // x.shape[-1] > 16
-        return x.dtype == torch.float32
+        # without VNNI the CPU's integer kernels are exact only on 7-bit weights (see _cpu_has_int8_dot): 8-bit
+        # ones stay on the fake-quant arithmetic, slower but the values the layer stands for
+        return x.dtype == torch.float32 and (CPU_INT8_DOT or (self.reduce_range and INT8_CPU_BACKEND == "onednn"))
 
     def _low_precision_matmul(self, xs: torch.Tensor, with_bias: bool = False) -> torch.Tensor:
         """The integer (or FP8) matmul on the smoothed input ``xs``, scaled once; ``with_bias`` adds the bias in

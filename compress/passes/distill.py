@@ -77,6 +77,9 @@ class DistillConfig(TrainingConfig):
             if self.student.timesteps is not None:
                 raise ValueError("student.timesteps: progressive students take every other step of their teacher's "
                                  "evenly spaced grid; give steps only")
+            if self.progressive is not None and self.progressive.one_step_timestep is not None and steps != 1:
+                raise ValueError(f"progressive.one_step_timestep: only for one-step students (student.steps: 1), "
+                                 f"not {steps} steps")
         return self
 
     def training(self) -> TrainingConfig:
