@@ -104,21 +104,20 @@ def quality_part(a, console: Console) -> None:
     recipe = load_recipe("moe-top2")
     ctx = PassContext.for_model(model, recipe.defaults.calibration, show_progress=False)
     data = recipe_with("moe-top2", None)
+    # another expert layout than moe-top2's gets its own name and artifact
+    layout = {k: v for k, v in (("experts", a.experts), ("top_k", a.top_k), ("shared", a.shared)) if v is not None}
     for p in data["passes"]:
         if p["pass"] == "moe":
             if a.recovery_steps:
                 p["training"]["steps"] = a.recovery_steps
-            p.update({k: v for k, v in (("experts", a.experts), ("top_k", a.top_k), ("shared", a.shared))
-                      if v is not None})
-    overrides = [(f, v) for f, v in (("recovery-steps", a.recovery_steps), ("experts", a.experts),
-                                     ("top-k", a.top_k), ("shared", a.shared)) if v is not None]
-    shape = (a.experts, a.top_k, a.shared)  # another expert layout than moe-top2's: its own name and artifact
-    name = "moe-top2" if shape == (None, None, None) else (
+            p.update(layout)
+    overrides = {**({"recovery_steps": a.recovery_steps} if a.recovery_steps else {}), **layout}
+    name = "moe-top2" if not layout else (
         f"moe-e{a.experts or 8}-top{a.top_k or 2}" + (f"-shared{a.shared:g}" if a.shared is not None else ""))
     moe = trained(name, data, model, ctx, console, runs=a.runs)
     cfg = BenchConfig(samples=a.samples, steps=REFERENCE_STEPS, cfg_scale=REFERENCE_CFG, speed_batch=64)
     command = (f"python -m benchmarks.moe --part quality --samples {a.samples} --composite-samples "
-               f"{a.composite_samples}" + "".join(f" --{f} {v}" for f, v in overrides))
+               f"{a.composite_samples}" + "".join(f" --{f.replace('_', '-')} {v}" for f, v in overrides.items()))
     frac = activated_fraction(moe.model, dense_mlp_params(model))
     report = run_bench(Variant("source", model), [variant_from_source(str(a.runs / name), name)], cfg,
                        a.out / "quality", console=console,
