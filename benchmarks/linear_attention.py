@@ -34,6 +34,7 @@ from benchmarks.pruning import recipe_with, trained
 from compress.bench import BenchConfig, Variant, run_bench
 from compress.bench.report import write_json
 from compress.machine import machine_info
+from compress.nn.attention import LinearAttention
 from compress.models.reference import REFERENCE_CFG, REFERENCE_STEPS
 from compress.passes import CalibrationConfig, PassContext
 from compress.recipe import load_recipe
@@ -142,31 +143,37 @@ from compress.machine import peak_rss_mb, reset_peak_rss
 from compress.nn.attention import LinearAttention, WindowAttention
 torch.set_num_threads(int(sys.argv[3]))
 n = int(sys.argv[2])
-if sys.argv[1] == "linear":
+if sys.argv[1].startswith("linear"):  # as a model forward calls it (its query is scratch), or allocating its output
     kernel = LinearAttention(16, 72, (int(n ** 0.5),) * 2)
+    scratch = sys.argv[1] == "linear"
+    def call(q, k, v):
+        return kernel(q, k, v, query_is_scratch=scratch)
 elif sys.argv[1] == "window":
-    kernel = WindowAttention(16, 72, (int(n ** 0.5),) * 2, window=7)
+    call = WindowAttention(16, 72, (int(n ** 0.5),) * 2, window=7)
 else:  # "softmax": torch's fused (flash) CPU kernel; "softmax-math": q k^T, softmax, p v (as exported to ONNX)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     backend = SDPBackend.MATH if sys.argv[1] == "softmax-math" else SDPBackend.FLASH_ATTENTION
-    def kernel(q, k, v):
+    def call(q, k, v):
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q, k, v)
 g = torch.Generator().manual_seed(0)
-q, k, v = (torch.randn(1, 16, n, 72, generator=g) for _ in range(3))
+# head views of (1, tokens, 16 * 72) projection outputs, as diffusers' processors pass them
+q, k, v = (torch.randn(1, n, 16 * 72, generator=g).view(1, n, 16, 72).transpose(1, 2) for _ in range(3))
 with torch.no_grad():
     reset_peak_rss(); base = peak_rss_mb(); t0 = time.perf_counter()
-    out = kernel(q, k, v)
+    out = call(q, k, v)
     print((time.perf_counter() - t0) * 1e3, peak_rss_mb() - base)
 """
 
 
 def attention_peak_mb(kind: str, tokens: int, threads: int) -> tuple[float, float]:
-    """(ms, MiB) of one attention computation ('softmax': torch's flash SDPA; 'softmax-math': the unfused
-    q k^T / softmax / p v an ONNX export computes, with its N x N matrices; 'linear': the ReLU + DWC kernel;
-    'window': 7 x 7 local softmax) on
-    (1, 16 heads, tokens, 72) q, k, v, in a fresh process: the peak RSS is reset once q, k, v exist, so the
-    figure is what the attention itself allocates (a warmed-up process would reuse freed memory and show 0)."""
+    """(ms, MiB) of one attention computation on (1, 16 heads, tokens, 72) q, k, v (head views of projection
+    outputs, as model forwards pass them), in a fresh process. Kinds: 'softmax' (torch's flash SDPA),
+    'softmax-math' (the unfused q k^T / softmax / p v an ONNX export computes, with its N x N matrices),
+    'linear' (the ReLU + DWC kernel as the adapters call it: its output written over the query, which the model
+    never reads again), 'linear-own-output' (the same kernel allocating its output), 'window' (7 x 7 local
+    softmax). The peak RSS is reset once q, k, v exist, so the figure is what the attention itself allocates (a
+    warmed-up process would reuse freed memory and show 0)."""
     import subprocess
     import sys
 
@@ -208,6 +215,8 @@ def speed_part(a, console: Console) -> None:
         hybrid = linearised(src, keep)
         linear = linearised(src, 0)
         variants = [Variant(f"hybrid ({keep} softmax)", hybrid), Variant("all linear", linear)]
+        if px == 2048:  # the ceiling of any attention replacement: the same slice with attention costing nothing
+            variants.append(Variant("attention-free bound", attention_free(linear)))
         if px == 1024 and a.onnx and not a.onnx_whole:
             onnx_part(a, px, console, results, key)
         report = run_bench(Variant(f"PixArt-XL/2 {px} px source", src), variants, cfg, a.out / "speed" / key,
@@ -220,7 +229,8 @@ def speed_part(a, console: Console) -> None:
             onnx_part(a, px, console, results, key, whole=(src, linear))
         del src, linear
     for n in tokens.values():
-        kinds = ["softmax", "linear", "window"] + (["softmax-math"] if n <= 4096 else [])  # math at 16k: 2 x 17 GB
+        kinds = ["softmax", "linear", "linear-own-output", "window"] + (["softmax-math"] if n <= 4096 else [])
+        # (softmax-math at 16k would hold two 17 GB N x N matrices)
         results.setdefault("attention_alone", {})[n] = {
             k: dict(zip(("ms", "peak_mb"), (round(x, 1) for x in attention_peak_mb(k, n, a.threads))))
             for k in kinds}
@@ -257,6 +267,27 @@ def onnx_part(a, px: int, console: Console, results: dict, key: str, whole: tupl
                                 "ms_per_call": {v["name"]: v["speed"]["ms_per_call"] for v in report["variants"]}}
 
 
+class _NoMixing(LinearAttention):
+    """A bound, not a kernel: returns the values as they are (no token mixing, no arithmetic), so a model with it
+    costs what its projections, MLPs and cross-attention cost. Benchmark-only: never saved or exported."""
+
+    def attend(self, q, k, v, scale):
+        return v
+
+    attend_into_query = attend
+
+
+def attention_free(model):
+    """A copy of a linearised ``model`` whose self-attentions compute nothing (``_NoMixing``)."""
+    import copy
+
+    free = copy.deepcopy(model)
+    for m in free.modules():
+        if isinstance(m, LinearAttention):
+            m.__class__ = _NoMixing
+    return free
+
+
 def slice_of(px: int):
     """PixArt-XL/2 at ``px`` with 4 of its 28 blocks (the same block shapes, random weights): speed per block at
     long sequences in tractable time, built directly (no pass: the toolkit's NaN checks would run the whole
@@ -284,7 +315,7 @@ def plot_speed(results: dict, path: Path) -> None:
     for r in runs:
         blocks = 4 if r["model"] == "4-block slice" else 28
         for i, (name, ms) in enumerate(r["ms_per_call"].items()):
-            kind = ["source", "hybrid", "all linear"][min(i, 2)]
+            kind = ["source", "hybrid", "all linear"][i] if i < 3 else name  # then the 16k bound's point
             per_block.setdefault(kind, []).append((r["tokens"], ms / blocks))
     for kind, pts in per_block.items():
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kind)

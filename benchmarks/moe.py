@@ -110,10 +110,15 @@ def quality_part(a, console: Console) -> None:
         if p["pass"] == "moe":
             if a.recovery_steps:
                 p["training"]["steps"] = a.recovery_steps
+            if a.loss_diffusion is not None:
+                p["training"]["loss"]["diffusion"] = a.loss_diffusion
             p.update(layout)
-    overrides = {**({"recovery_steps": a.recovery_steps} if a.recovery_steps else {}), **layout}
+    overrides = {**({"recovery_steps": a.recovery_steps} if a.recovery_steps else {}), **layout,
+                 **({"loss_diffusion": a.loss_diffusion} if a.loss_diffusion is not None else {})}
     name = "moe-top2" if not layout else (
         f"moe-e{a.experts or 8}-top{a.top_k or 2}" + (f"-shared{a.shared:g}" if a.shared is not None else ""))
+    if a.loss_diffusion is not None:  # another recovery objective: its own artifact too
+        name += f"-diffusion{a.loss_diffusion:g}"
     moe = trained(name, data, model, ctx, console, runs=a.runs)
     cfg = BenchConfig(samples=a.samples, steps=REFERENCE_STEPS, cfg_scale=REFERENCE_CFG, speed_batch=64)
     command = (f"python -m benchmarks.moe --part quality --samples {a.samples} --composite-samples "
@@ -225,6 +230,8 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=None, help="quality: override moe-top2's routed experts")
     p.add_argument("--top-k", type=int, default=None, help="quality: override moe-top2's experts per token")
     p.add_argument("--shared", type=float, default=None, help="quality: override moe-top2's shared fraction")
+    p.add_argument("--loss-diffusion", type=float, default=None,
+                   help="quality: override moe-top2's diffusion-loss weight (output KD stays 1.0)")
     p.add_argument("--composite-samples", type=int, default=300, help="quality: samples for moe-top2-w8a8 (0: skip)")
     p.add_argument("--calib-samples", type=int, default=256, help="ablation: calibration images (moe-top2: 256)")
     p.add_argument("--util-rows", type=int, default=4096, help="calibration rows routed for the utilisation map")

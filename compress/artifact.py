@@ -13,6 +13,7 @@ define. Bit-identical reload holds between processes using the same number of th
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -22,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compress.errors import DitCompressError
-from compress.io import ARTIFACT, atomic_directory, write_marker
+from compress.io import ARTIFACT, NEW_FILE_MODE, atomic_directory, write_marker
 from compress.models.adapters import adapter_for_architecture, get_adapter
 from compress.models.provenance import ATTR, FIELDS, file_sha256, provenance
 from compress.models.size import param_count
@@ -103,6 +104,7 @@ def save(model: nn.Module, out_dir: str | Path, *, force: bool = False) -> Path:
     with atomic_directory(out, (ARTIFACT,), force=force) as tmp:
         weights = tmp / WEIGHTS_FILE
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, weights)
+        os.chmod(weights, NEW_FILE_MODE)  # safetensors writes owner-only 0600
         rec = provenance(model)
         manifest = {
             "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -32,13 +32,32 @@ from pathlib import Path
 from compress.errors import DitCompressError
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+NEW_FILE_MODE = 0o666 & ~_umask()  # what open(path, "w") gives a new file; the umask is read once, at import
+# (os.umask is process-wide: not something to flip per write). Writers that create files through a library
+# that uses owner-only permissions (safetensors' save_file writes 0600) chmod them to this.
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to a temp file beside ``path``, fsync it and rename it into place."""
+    """Write ``data`` to a temp file beside ``path``, fsync it and rename it into place.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give it (those of the file it replaces, else
+    0666 less the umask), not ``mkstemp``'s owner-only 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = NEW_FILE_MODE
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

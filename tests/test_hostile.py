@@ -664,3 +664,20 @@ def test_kills_at_random_points_leave_nothing_half_written(world):
     left = sorted(p.name for p in root.iterdir() if ".partial-" in p.name or ".old-" in p.name)
     assert left == [], left
     assert compress.load(root / "apply") is not None and compress.load(root / "train") is not None
+
+
+def test_written_files_get_the_permissions_open_would_give_not_owner_only(tmp_path, artifact):
+    """Atomic writes go through mkstemp (0600); what lands must be readable as a plain write would leave it:
+    0666 less the umask for a new file (here an artifact's manifest and weights), the old mode for a replaced one."""
+    from compress.io import atomic_write_text
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    want = 0o666 & ~mask
+    for f in ("manifest.json", "model.safetensors"):
+        assert (artifact / f).stat().st_mode & 0o777 == want, f
+    notes = tmp_path / "notes.json"
+    notes.write_text("{}")
+    notes.chmod(0o640)
+    atomic_write_text(notes, '{"a": 1}')
+    assert notes.stat().st_mode & 0o777 == 0o640 and notes.read_text() == '{"a": 1}'

@@ -95,6 +95,48 @@ def test_chunked_inference_gives_the_whole_sequence_kernel_output(image, grid, l
     assert ((chunked - whole).abs().max() / whole.abs().max()) < 1e-6  # measured 3e-8 .. 2.4e-7
 
 
+def test_chunked_inference_into_a_scratch_query_returns_the_query_buffer_with_the_same_values(monkeypatch):
+    """``query_is_scratch`` (how model forwards call kernels): the chunked output is written over q's own buffer
+    (here a head view of a (B, L, C) projection, as diffusers processors pass it), values as the allocating form;
+    a q that overlaps k or v (slices of one fused qkv) gets a fresh output and is left unchanged."""
+    import compress.nn.attention as attention
+
+    monkeypatch.setattr(attention, "INFERENCE_CHUNK", 16)
+    torch.manual_seed(0)
+    kern = LinearAttention(4, 8, (10, 12), conv=3)
+    torch.nn.init.normal_(kern.dwc.weight)
+    proj = [torch.randn(2, 120, 32) for _ in range(3)]
+    q, k, v = (x.view(2, 120, 4, 8).transpose(1, 2) for x in proj)
+    with torch.no_grad():
+        expected = kern(q, k, v)
+        out = kern(q, k, v, query_is_scratch=True)
+    assert out.data_ptr() == proj[0].data_ptr() and torch.equal(out, q)
+    assert torch.equal(out, expected)
+    assert out.transpose(1, 2).is_contiguous()  # the processor's reshape back to (B, L, C) is a view
+    fused = torch.randn(2, 120, 3, 4, 8)
+    q, k, v = fused.permute(2, 0, 3, 1, 4)
+    before = q.clone()
+    with torch.no_grad():
+        out = kern(q, k, v, query_is_scratch=True)
+    assert torch.equal(q, before) and not torch._C._overlaps(out, fused)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_models_with_chunked_linear_attention_give_their_unchunked_outputs(family, monkeypatch):
+    """Every family's forward with its kernels chunked (4-token chunks, output over the processor's query where it
+    may) computes what it computes with one whole-sequence kernel call: no processor reads the query it gave away."""
+    import compress.nn.attention as attention
+
+    model = linearise(model_of(family), softmax_blocks=0)
+    for kern in kernels(model):
+        torch.nn.init.normal_(kern.dwc.weight, std=0.1)
+    monkeypatch.setattr(attention, "INFERENCE_CHUNK", 1 << 20)
+    whole = outputs(model)
+    monkeypatch.setattr(attention, "INFERENCE_CHUNK", 4)
+    chunked = outputs(model)
+    assert rel_err(chunked, whole) < 1e-5
+
+
 def test_window_attention_equals_softmax_masked_to_each_tokens_neighbourhood():
     """Tiles + halo on a grid the window does not divide (5 x 7, window 3) give the dense masked softmax."""
     torch.manual_seed(0)

@@ -123,7 +123,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v) if self.kernel is None else self.kernel(q, k, v)
+        if self.kernel is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:  # q is this forward's temporary: a kernel may write its output there
+            out = self.kernel(q, k, v, query_is_scratch=True)
         return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 
 
