@@ -120,3 +120,36 @@ def test_a_cpu_without_vnni_runs_only_7_bit_weights_on_integer_kernels_and_keeps
             ref = adapter.forward(x, t, y)
         # 8-bit weights: the fake-quant path itself; 7-bit: oneDNN's AVX2 sums do not saturate, one fp32 rounding
         assert (out - ref).abs().max() <= (0 if integer_layers == 0 else 2e-6) * ref.abs().max()
+
+
+@pytest.mark.parametrize("arch, vnni, amx, u8", [("x86_64", True, False, True), ("x86_64", True, True, False),
+                                                 ("x86_64", False, True, False), ("x86_64", False, False, False),
+                                                 ("aarch64", True, False, False)])
+def test_onednn_gets_uint8_rows_only_on_x86_cpus_with_vnni_and_no_amx(arch, vnni, amx, u8, monkeypatch):
+    # there oneDNN has no optimised s8 x s8 matmul and runs its reference loop (~1000x slower than fp32)
+    monkeypatch.setattr(quant.platform, "machine", lambda: arch)
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert quant._onednn_wants_u8_source() is u8
+
+
+@pytest.mark.skipif(not (quant._onednn_int8() and quant.CPU_INT8_DOT),
+                    reason="needs oneDNN on a CPU with int8 dot products (VNNI or AMX): AVX2's u8 x s8 pair sums "
+                           "saturate on 8-bit weights")
+@pytest.mark.parametrize("u8_source", [True, False])
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_onednn_rows_as_uint8_with_zero_point_128_give_the_fake_quant_arithmetic(u8_source, mode, monkeypatch):
+    """int8 rows handed to oneDNN as uint8 (the sign bit flipped, zero point 128), or as int8: both the exact sum."""
+    counted_int8_calls(monkeypatch, "onednn")
+    monkeypatch.setattr(quant, "ONEDNN_U8_SOURCE", u8_source)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 288)
+    x = torch.randn(3, 16, 96) * 2
+    x[0, 0, :4] = torch.tensor([-50.0, 50.0, -0.01, 0.0])  # rows reaching -127 and +127
+    scale = (x.abs().amax() / 127).reshape(1) if mode == "static" else None
+    q = QuantLinear.from_linear(lin, act_scale=scale, weight_format="int8", act_format="int8", act_mode=mode)
+    with torch.no_grad():
+        y = q(x)
+        q.kernel = "reference"
+        ref = q(x)
+    assert (y - ref).abs().max() / ref.abs().max() < 2e-6
