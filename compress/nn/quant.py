@@ -205,10 +205,11 @@ def _cpu_has_int8_dot() -> bool:
 
 
 def _onednn_wants_u8_source() -> bool:
-    """True on x86 CPUs with VNNI but without AMX (AMD Zen 4/5, Cascade/Ice Lake Xeons): oneDNN's optimised INT8
-    matmul there (``brg_matmul:avx512_core_vnni``) takes unsigned sources only; a signed int8 source falls back to
-    its reference loop (``ref_int8:any``), measured on a Zen 4 EPYC with torch 2.13 at 16.7 s against fp32's
-    15 ms for 512x768x3072 (oneDNN PR #5111: AVX-512 has no s8s8 matmul). The same integers shifted to uint8
+    """True on x86 CPUs with VNNI but without AMX (measured on AMD Zen 4; by oneDNN PR #5111, where AVX-512 has
+    no s8s8 matmul, also Intel's pre-AMX VNNI CPUs, not measured here): oneDNN's optimised INT8 matmul there
+    (``brg_matmul:avx512_core_vnni``) takes unsigned sources only; a signed int8 source falls back to its
+    reference loop (``ref_int8:any``), measured on a Zen 4 EPYC with torch 2.13 at 16.7 s against fp32's
+    15 ms for 512x768x3072. The same integers shifted to uint8
     with zero point 128 run the VNNI kernel, exactly (``vpdpbusd`` accumulates in int32): 9.6 ms against fp32's
     35 ms at 1024x768x3072 there. AMX runs s8s8 itself; AVX2-only CPUs keep their measured s8 path."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
