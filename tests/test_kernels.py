@@ -92,13 +92,18 @@ def test_a_quantized_layer_that_ran_deep_copies_and_pickles_to_the_same_outputs(
             assert torch.equal(other(x), y)
 
 
+def pretend_cpu(monkeypatch, arch: str, vnni: bool, amx: bool) -> None:
+    """Make torch report another CPU: its architecture and whether it has VNNI and AMX."""
+    monkeypatch.setattr(quant.platform, "machine", lambda: arch)
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+
+
 @pytest.mark.parametrize("arch, vnni, amx, vectorised", [("x86_64", False, False, False), ("x86_64", True, False, True),
                                                          ("x86_64", False, True, True), ("aarch64", False, False, True)])
 def test_only_x86_cpus_without_vnni_or_amx_count_as_lacking_int8_dot_products(arch, vnni, amx, vectorised, monkeypatch):
     # there torch._int_mm is a scalar loop and oneDNN's AVX2 kernels saturate on 8-bit weights
-    monkeypatch.setattr(quant.platform, "machine", lambda: arch)
-    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni, raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    pretend_cpu(monkeypatch, arch, vnni, amx)
     assert quant._cpu_has_int8_dot() is vectorised
 
 
@@ -127,9 +132,7 @@ def test_a_cpu_without_vnni_runs_only_7_bit_weights_on_integer_kernels_and_keeps
                                                  ("aarch64", True, False, False)])
 def test_onednn_gets_uint8_rows_only_on_x86_cpus_with_vnni_and_no_amx(arch, vnni, amx, u8, monkeypatch):
     # there oneDNN has no optimised s8 x s8 matmul and runs its reference loop (~1000x slower than fp32)
-    monkeypatch.setattr(quant.platform, "machine", lambda: arch)
-    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni, raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    pretend_cpu(monkeypatch, arch, vnni, amx)
     assert quant._onednn_wants_u8_source() is u8
 
 

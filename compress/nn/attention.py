@@ -186,8 +186,14 @@ class LinearAttention(AttentionKernel):
     def phi(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(x) if self.feature == "relu" else F.elu(x) + 1
 
+    @staticmethod
+    def chunked(q: torch.Tensor) -> bool:
+        """Whether this call runs chunk by chunk: long sequences in eager inference (autograd, tracing and export
+        see the whole-sequence form, one graph)."""
+        return q.shape[2] > INFERENCE_CHUNK and eager_inference(q)
+
     def attend(self, q, k, v, scale):
-        if q.shape[2] > INFERENCE_CHUNK and eager_inference(q):  # else autograd / tracing / export see one graph
+        if self.chunked(q):
             return self.attend_in_chunks(q, k, v)
         dtype = v.dtype
         v = v.float()
@@ -208,8 +214,7 @@ class LinearAttention(AttentionKernel):
         at all, and a processor's ``out.transpose(1, 2).reshape(b, n, h * d)`` is then a view of the projection's
         buffer, not a copy. Only for a float32 ``q`` that shares no memory with ``k`` or ``v`` (torch's overlap
         test is by storage range, so a fused qkv's slices, as in the native DiT, allocate their output)."""
-        if (q.shape[2] > INFERENCE_CHUNK and q.dtype == torch.float32 and eager_inference(q)
-                and not (torch._C._overlaps(q, k) or torch._C._overlaps(q, v))):
+        if self.chunked(q) and q.dtype == torch.float32 and not (torch._C._overlaps(q, k) or torch._C._overlaps(q, v)):
             return self.attend_in_chunks(q, k, v, out=q)
         return self.attend(q, k, v, scale)
 

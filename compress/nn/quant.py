@@ -189,6 +189,15 @@ def _onednn_int8() -> bool:
             and hasattr(ops, "qlinear_prepack"))
 
 
+def _x86_int8_isa() -> dict[str, bool] | None:
+    """This CPU's int8 dot-product extensions as torch reports them, {"vnni": ..., "amx": ...}; None off x86."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return None
+    vnni = getattr(torch.cpu, "_is_vnni_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return {"vnni": bool(vnni is not None and vnni()), "amx": bool(amx is not None and amx())}
+
+
 def _cpu_has_int8_dot() -> bool:
     """True where this CPU has int8 dot-product instructions that accumulate in int32: x86 with VNNI
     (AVX512-VNNI, AVX-VNNI) or AMX, and non-x86 builds (not measured here). x86 CPUs without them (AVX2 only:
@@ -197,11 +206,8 @@ def _cpu_has_int8_dot() -> bool:
     256x96x384), and oneDNN's AVX2 INT8 kernels sum pairs of u8 x s8 products in int16 (``vpmaddubsw``), which
     saturates with 8-bit weights (relative error 0.23 against the exact sum) and is exact only with 7-bit ones
     (``reduce_range``: 2 x 255 x 63 < 2^15), the reason ONNX Runtime and fbgemm reduce the range on such CPUs."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return True
-    vnni = getattr(torch.cpu, "_is_vnni_supported", None)
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool((vnni is not None and vnni()) or (amx is not None and amx()))
+    isa = _x86_int8_isa()
+    return isa is None or isa["vnni"] or isa["amx"]
 
 
 def _onednn_wants_u8_source() -> bool:
@@ -212,11 +218,8 @@ def _onednn_wants_u8_source() -> bool:
     15 ms for 512x768x3072. The same integers shifted to uint8
     with zero point 128 run the VNNI kernel, exactly (``vpdpbusd`` accumulates in int32): 9.6 ms against fp32's
     35 ms at 1024x768x3072 there. AMX runs s8s8 itself; AVX2-only CPUs keep their measured s8 path."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return False
-    vnni = getattr(torch.cpu, "_is_vnni_supported", None)
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(vnni is not None and vnni() and not (amx is not None and amx()))
+    isa = _x86_int8_isa()
+    return isa is not None and isa["vnni"] and not isa["amx"]
 
 
 INT8_CPU_BACKEND = "onednn" if _onednn_int8() else "int_mm"  # what CPU INT8 x INT8 layers call (tests pin it)
