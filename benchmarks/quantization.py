@@ -24,6 +24,7 @@ from compress.models.reference import REFERENCE_CFG
 from compress.passes import CalibrationConfig, PassContext
 from compress.recipe import parse_recipe, with_defaults
 
+DEFAULT_OUT = Path("benchmarks/results/quantization")
 MAIN = ["w8a8-int8", "w8a8-int8-nncf", "modelopt-int8-smoothquant", "fp8", "w4a8-svd", "mixed-w4a8-w8a8",
         "int4-weights-g32"]
 # dit-compress vs NNCF vs ModelOpt, and a sensitivity plan vs the uniform plan of the same size
@@ -108,7 +109,9 @@ def main() -> None:
     p.add_argument("--cfg", type=float, default=REFERENCE_CFG)
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--calib-steps", type=int, default=25)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/quantization"))
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--variants", default="", help="main / side-by-side / others: only these of the part's "
+                                                  "variants (comma list; recipe names outside it are allowed)")
     a = p.parse_args()
     console = Console(width=180)
     model = load_model("reference")
@@ -116,7 +119,8 @@ def main() -> None:
     ctx = PassContext.for_model(model, cal, show_progress=False)
     variants: list[Variant] = []
     if a.part in ("main", "side-by-side", "others"):
-        for name in {"main": MAIN, "side-by-side": SIDE_BY_SIDE, "others": OTHERS}[a.part]:
+        names = {"main": MAIN, "side-by-side": SIDE_BY_SIDE, "others": OTHERS}[a.part]
+        for name in ([n for n in a.variants.split(",") if n] or names):
             v = _variant(name, model, ctx, console)
             if v is not None:
                 variants.append(v)
@@ -137,7 +141,8 @@ def main() -> None:
     cfg = BenchConfig(samples=a.samples, steps=a.steps, cfg_scale=a.cfg, speed=False, grid=a.part == "main")
     out = a.out / a.part
     command = (f"python -m benchmarks.quantization --part {a.part} --samples {a.samples} --steps {a.steps} "
-               f"--cfg {a.cfg} --calib-samples {a.calib_samples} --calib-steps {a.calib_steps}")
+               f"--cfg {a.cfg} --calib-samples {a.calib_samples} --calib-steps {a.calib_steps}"
+               + (f" --variants {a.variants}" if a.variants else "") + (f" --out {a.out}" if a.out != DEFAULT_OUT else ""))
     run_bench(Variant("source", model), variants, cfg, out, console=console,
               extra={"calibration": cal.model_dump(), "command": command})
 

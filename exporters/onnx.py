@@ -32,6 +32,7 @@ from compress.errors import DitCompressError
 from compress.io import ONNX_EXPORT, atomic_directory, kind_of, write_marker
 from compress.models.adapters import get_adapter
 from compress.models.size import param_count
+from compress.nn.quant import under_fake_quant_arithmetic
 from exporters.qdq import lower_for_export, qdq_translations, weight_forms
 from exporters.runtime import Runner, contract_of, export_meta, graph_inputs, numpy_feeds, register_runtime
 from exporters.segments import OrtSegments, check_segments, export_segments, refuse_policy
@@ -166,7 +167,8 @@ def validate_onnx(onnx_path: Path, model: nn.Module, *, timesteps=(50.0, 500.0, 
     contract = adapter.contract()
     keys = sorted(c.name for c in contract.conditions)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    report = validate_outputs(session_call(sess, keys), adapter.forward, contract, quantized=_is_quantized(model),
+    reference = under_fake_quant_arithmetic(model, adapter.forward)  # what the graph's QDQ ops stand for
+    report = validate_outputs(session_call(sess, keys), reference, contract, quantized=_is_quantized(model),
                               tolerance=tolerance, timesteps=timesteps, batch=batch, seed=seed)
     return {**report, "provider": sess.get_providers()[0]}
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from compress.errors import DitCompressError
 from compress.io import ONNX_EXPORT, OPENVINO_EXPORT, atomic_directory, check_output_path, kind_of, write_marker
+from compress.nn.quant import under_fake_quant_arithmetic
 from exporters.runtime import Runner, contract_of, export_meta, graph_inputs, numpy_feeds, register_runtime
 
 # inference precision hint -> default validation tolerance (relative to the output's max magnitude)
@@ -157,7 +158,8 @@ def export_openvino(source: nn.Module | str | Path, out_dir: str | Path, *, prec
             _refuse_cache_policy(get_adapter(source).contract().model_dump(mode="json"))  # before any export work
             onnx_dir = export_onnx(source, Path(scratch) / "onnx", qdq_activations=qdq_activations, source=source_id)
             meta_in = export_meta(onnx_dir, ONNX_EXPORT.marker)
-            reference, against = get_adapter(source.eval()).forward, "PyTorch"
+            reference = under_fake_quant_arithmetic(source, get_adapter(source.eval()).forward)
+            against = "PyTorch"
         else:
             onnx_dir = Path(source)
             if kind_of(onnx_dir) is not ONNX_EXPORT:

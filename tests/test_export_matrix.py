@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime", reason="ONNX export is the optional [onnx] ex
 
 from compress import apply_recipe  # noqa: E402
 from compress.models.adapters import get_adapter  # noqa: E402
-from compress.nn.quant import QuantLinear, WeightOnlyLinear  # noqa: E402
+from compress.nn.quant import QuantLinear, WeightOnlyLinear, fake_quant_arithmetic  # noqa: E402
 from exporters.onnx import export_onnx  # noqa: E402
 from tests.conftest import randomized_dit  # noqa: E402
 from tests.tiny_models import tiny_diffusers_model  # noqa: E402
@@ -59,7 +59,9 @@ def onnx_and_torch(export_dir, model, seed=7, batch=3):
 
 
 def forward(model, inputs):
-    with torch.no_grad():
+    """PyTorch's output in the fake-quant arithmetic, which the graph's QDQ ops stand for (the CPU FP8 kernel
+    rounds its outputs to bf16, and the next FP8 layer's rounding amplifies that)."""
+    with torch.no_grad(), fake_quant_arithmetic(model):
         return get_adapter(model).forward(*inputs)
 
 

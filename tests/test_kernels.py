@@ -58,11 +58,17 @@ def test_integer_kernel_equals_the_fake_quant_arithmetic(mode, extras, backend, 
     assert (y - ref).abs().max() / ref.abs().max() < 2e-6  # measured ~8e-7: one fp32 rounding of an exact sum
 
 
+W4A8_G16 = {"name": "w4a8-g16", "description": "w4a8 at the test model's width (48: groups of 16)", "passes": [
+    {"pass": "quantize", "weights": {"dtype": "int4", "group_size": 16, "group_scales": "integer"},
+     "activations": {"dtype": "int8"}, "smoothing": {}}]}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_w8a8_model_runs_integer_matmuls_in_every_quantized_layer(backend, monkeypatch):
+@pytest.mark.parametrize("recipe", ["w8a8-int8", W4A8_G16], ids=["w8a8-int8", "w4a8"])
+def test_a_w8a8_or_w4a8_model_runs_integer_matmuls_in_every_quantized_layer(recipe, backend, monkeypatch):
     if not exact_here(backend):
-        pytest.skip("this CPU has no VNNI: w8a8-int8's 8-bit weights stay on the fake-quant arithmetic here")
-    m = compress.apply_recipe(randomized_dit(), "w8a8-int8", show_progress=False)
+        pytest.skip("this CPU has no VNNI: 8-bit weights stay on the fake-quant arithmetic here")
+    m = compress.apply_recipe(randomized_dit(), recipe, show_progress=False)
     n_layers = sum(isinstance(mod, QuantLinear) for mod in m.modules())
     calls = counted_int8_calls(monkeypatch, backend)
     adapter = compress.get_adapter(m)
@@ -156,3 +162,77 @@ def test_onednn_rows_as_uint8_with_zero_point_128_give_the_fake_quant_arithmetic
         q.kernel = "reference"
         ref = q(x)
     assert (y - ref).abs().max() / ref.abs().max() < 2e-6
+
+
+def test_round_to_e4m3_gives_the_float8_casts_values_on_every_value_midpoint_and_neighbour():
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    values = values[torch.isfinite(values)].unique()
+    mids = (values[1:] + values[:-1]) / 2  # ties: E4M3 rounds them to the even neighbour
+    up, down = torch.full_like(mids, 1e9), torch.full_like(mids, -1e9)
+    torch.manual_seed(0)
+    x = torch.cat([values, mids, torch.nextafter(mids, up), torch.nextafter(mids, down), torch.randn(100_000) * 60,
+                   torch.randn(100_000) * 0.01, torch.tensor([500.0, -1e6, 449.0, 1e-30, -0.0])])
+    expected = x.clamp(-quant.FP8_MAX, quant.FP8_MAX).to(torch.float8_e4m3fn).float()
+    assert torch.equal(quant.round_to_e4m3_(x.clone()), expected)
+    into = torch.empty(x.shape, dtype=torch.bfloat16)  # E4M3 values are exact in bf16
+    quant.round_to_e4m3_(x.clone(), out=into)
+    assert torch.equal(into.float(), expected)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+@pytest.mark.parametrize("extras", [{}, {"smooth": True}, {"bias": False}])
+def test_fp8_layer_on_a_bf16_cpu_is_within_the_bf16_outputs_rounding_of_the_fake_quant_arithmetic(mode, extras,
+                                                                                                   monkeypatch):
+    # bf16 matmuls give the same values on any CPU (slower without AVX512-BF16 / AMX): pin the gate to run it here
+    monkeypatch.setattr(quant, "CPU_BF16_DOT", True)
+    rounded = []
+    real = quant.round_to_e4m3_
+    monkeypatch.setattr(quant, "round_to_e4m3_",
+                        lambda y, out=None: rounded.append(None if out is None else out.dtype) or real(y, out))
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 288, bias=extras.get("bias", True))
+    x = torch.randn(3, 16, 96) * 2
+    smooth = torch.rand(96) + 0.5 if extras.get("smooth") else None
+    xs = x / smooth if smooth is not None else x
+    scale = (xs.abs().amax() / quant.FP8_MAX).reshape(1) if mode == "static" else None
+    q = QuantLinear.from_linear(lin, smooth=smooth, act_scale=scale, weight_format="fp8", act_format="fp8",
+                                act_mode=mode)
+    with torch.no_grad():
+        y = q(x)
+        assert rounded == [torch.bfloat16]  # the bf16 path ran, once
+        q.kernel = "reference"
+        ref = q(x)
+    err = (y - ref).abs()
+    assert float(err.max()) <= 2 ** -8 * float(ref.abs().max())  # bf16 keeps 8 significant bits
+    assert float(err.max()) > 0  # and it is not the fake-quant path itself
+    monkeypatch.setattr(quant, "CPU_BF16_DOT", False)  # a CPU without bf16 dot products: the fake-quant path
+    q.kernel = "auto"
+    with torch.no_grad():
+        assert torch.equal(q(x), ref)
+
+
+def test_int4_groups_with_integer_scales_are_int8_weights_and_run_the_integer_kernel(monkeypatch):
+    if not exact_here("int_mm"):
+        pytest.skip("unreachable: torch._int_mm is exact everywhere")
+    calls = counted_int8_calls(monkeypatch, "int_mm")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 64)
+    x = torch.randn(2, 24, 128)
+    q = QuantLinear.from_linear(lin, act_scale=(x.abs().amax() / 127).reshape(1), weight_format="int4",
+                                group_size=32, act_format="int8", integer_group_scales=True)
+    w8, channel = q.int8_weight()
+    assert w8.dtype == torch.int8 and int(w8.abs().max()) <= 126 and channel.shape == (64,)
+    assert 1 <= int(q.group_scale.min()) and int(q.group_scale.max()) == quant.INT4_GROUP_SCALE_MAX
+    assert torch.equal(q.dequantized_weight(), w8.float() * channel[:, None])
+    with torch.no_grad():
+        y = q(x)
+        q.kernel = "reference"
+        ref = q(x)
+    assert calls == [torch.Size([48, 128]), "_int_mm"]
+    assert (y - ref).abs().max() / ref.abs().max() < 2e-6
+    # two-level scales cost little weight accuracy against one fp32 scale per group (measured: 0.92x on this layer)
+    float_groups = QuantLinear.from_linear(lin, act_scale=q.act_scale, weight_format="int4", group_size=32,
+                                           act_format="int8")
+    w = lin.weight.detach()
+    err = lambda m: float((m.dequantized_weight() - w).pow(2).sum() / w.pow(2).sum())  # noqa: E731
+    assert err(q) < 1.1 * err(float_groups)

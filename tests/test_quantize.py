@@ -204,6 +204,8 @@ def test_int4_artifact_is_under_30_percent_of_fp32(tmp_path):
     ({"smoothing": {"alpha": 1.5}}, "smoothing.alpha"),
     ({"smoothing": {"grid": [0.5, 2.0]}}, "smoothing.grid"),
     ({"weights": {"reduce_range": True}}, "weights.reduce_range"),
+    ({"weights": {"dtype": "int4", "group_size": 32, "group_scales": "integer"}}, "weights.group_scales"),
+    ({"weights": {"dtype": "int8", "group_scales": "integer"}, "activations": {}}, "weights.group_scales"),
 ])
 def test_inconsistent_formats_are_rejected_by_field(cfg, field):
     with pytest.raises(DitCompressError) as e:

@@ -54,6 +54,7 @@ BROKEN = [
     (with_((*Q, "weights", "group_size"), "abc"), "field 'weights.group_size'"),
     (with_((*Q, "weights", "group_size"), 100000), "less than or equal to 4096"),
     (with_((*Q, "weights", "symmetric"), "maybe"), "field 'weights.symmetric': Input should be a valid boolean"),
+    (with_((*Q, "weights", "group_scales"), "int"), "field 'weights.group_scales': Input should be 'float' or 'integer'"),
     (with_((*Q, "weights", "bits"), 8), "field 'weights.bits': unknown field"),
     (with_((*Q, "weights"), "int8"), "field 'weights'"),
     (with_((*Q, "layers", "include"), "blocks.*"), "field 'layers.include': Input should be a valid array"),

@@ -6,6 +6,7 @@ the arithmetic is exactly "dequantize, then fp32 matmul", which is also what a Q
 
 from __future__ import annotations
 
+import contextlib
 import platform
 
 import torch
@@ -175,11 +176,31 @@ def fake_quant_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """FP8 E4M3 with saturation (the cast rounds to nearest even, as QuantizeLinear and TensorRT do)."""
+    """FP8 E4M3 with saturation (the cast rounds to nearest even, as QuantizeLinear and TensorRT do). In eager
+    float32 inference the same values come from ``round_to_e4m3_`` (CPU's float8-to-float cast is a scalar loop);
+    graphs (autograd, export, compile) see the cast."""
+    if x.dtype == torch.float32 and not x.is_cuda and eager_inference(x):
+        return round_to_e4m3_(x / scale).mul_(scale)
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
 
 
 ACT_FORMATS = {"int8": (fake_quant_int8, INT8_MAX), "fp8": (fake_quant_fp8, FP8_MAX)}
+
+_E4M3_MIN_NORMAL = (127 - 6) << 23  # float32 exponent field of 2^-6, E4M3's smallest normal value
+_E4M3_ROUNDER = (20 << 23) | (1 << 22)  # added to an exponent field 2^e: the float 1.5 * 2^(e+20)
+
+
+def round_to_e4m3_(y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``y`` (float32) rounded in place to the nearest FP8 E4M3 value, ties to even, saturating at +-448: the
+    values of ``y.clamp(-448, 448).to(torch.float8_e4m3fn).float()`` (checked on every E4M3 value, midpoint
+    and its neighbours), without that cast, whose float8-to-float half is a scalar loop on CPU (366 us against
+    75 us at 256x384, one thread). Adding and subtracting 1.5 * 2^(e+20), where 2^e is y's binade (or E4M3's
+    smallest normal, 2^-6, below it), leaves y rounded by the FPU at E4M3's spacing there, 2^(e-3). ``out``
+    (e.g. a bfloat16 tensor, in which E4M3 values are exact) receives the result instead of ``y``."""
+    y = y.clamp_(-FP8_MAX, FP8_MAX)
+    rounder = (y.view(torch.int32).bitwise_and(0x7F800000).clamp_(min=_E4M3_MIN_NORMAL)
+               .add_(_E4M3_ROUNDER).view(torch.float32))
+    return torch.sub(y.add_(rounder), rounder, out=y if out is None else out)
 
 
 def _onednn_int8() -> bool:
@@ -210,6 +231,18 @@ def _cpu_has_int8_dot() -> bool:
     return isa is None or isa["vnni"] or isa["amx"]
 
 
+def _cpu_has_bf16_dot() -> bool:
+    """True on x86 CPUs with bfloat16 dot products (AVX512-BF16 or AMX): there oneDNN's bf16 matmul (fp32
+    accumulation) is ~2x faster than fp32 (measured on a Zen 4 EPYC: 126 against 235 us at 256x96x384), and
+    FP8 x FP8 layers run on it (E4M3 values are exact in bf16). Elsewhere bf16 is converted or emulated, slower
+    than fp32, and FP8 stays on the fake-quant arithmetic."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((bf16 is not None and bf16()) or (amx is not None and amx()))
+
+
 def _onednn_wants_u8_source() -> bool:
     """True on x86 CPUs with VNNI but without AMX (measured on AMD Zen 4; by oneDNN PR #5111, where AVX-512 has
     no s8s8 matmul, also Intel's pre-AMX VNNI CPUs, not measured here): oneDNN's optimised INT8 matmul there
@@ -225,6 +258,7 @@ def _onednn_wants_u8_source() -> bool:
 INT8_CPU_BACKEND = "onednn" if _onednn_int8() else "int_mm"  # what CPU INT8 x INT8 layers call (tests pin it)
 CPU_INT8_DOT = _cpu_has_int8_dot()  # False: CPU integer kernels only for 7-bit weights, always through oneDNN
 ONEDNN_U8_SOURCE = _onednn_wants_u8_source()  # True: oneDNN gets the int8 rows as uint8, zero point 128
+CPU_BF16_DOT = _cpu_has_bf16_dot()  # True: CPU FP8 x FP8 layers multiply their E4M3 values in a bf16 matmul
 # oneDNN's call has a fixed cost of ~30 us (descriptors, scales, primitive lookup): below this many multiply-adds
 # per call ``torch._int_mm`` + one scale op is as fast or faster where the CPU has VNNI (measured: parity at
 # 256x96x384, the reference model's MLP; 3-6x faster than ``_int_mm`` at DiT-B/2's 1024x768x3072 with AMX).
@@ -243,8 +277,7 @@ def int8_linear(layer: "QuantLinear", xq: torch.Tensor, x_scale: torch.Tensor | 
     a weight packed once (at DiT-B/2's widths 3x faster than ``torch._int_mm`` followed by an int32-to-float copy
     and a scale op, which cost more than a small matmul saves). Elsewhere (CUDA, other CPUs, and CPU calls
     under ``ONEDNN_MIN_MACS``) ``torch._int_mm`` then one scale op."""
-    bufs = layer._buffers
-    qweight, sw = bufs["qweight"], bufs["weight_scale"].reshape(-1)
+    qweight, sw = layer.int8_weight()
     if (not xq.is_cuda and INT8_CPU_BACKEND == "onednn"
             and xq.shape[0] * xq.shape[1] * qweight.shape[0] >= ONEDNN_MIN_MACS):
         packed, zeros = reused(layer, "onednn_w", lambda: (torch.ops.onednn.qlinear_prepack(qweight, None),
@@ -273,13 +306,15 @@ class QuantLinear(nn.Module):
     * ``rank`` > 0 (SVDQuant): a full-precision low-rank branch of the smoothed weight absorbs the
       outliers, and only the residual is quantized.
 
-    INT8 x INT8 layers with per-channel weights run an integer matmul (``torch._int_mm``: oneDNN's VNNI / AMX
-    kernels on x86 CPUs, cuBLASLt on CUDA), exact in int32 and scaled once; FP8 x FP8 uses ``torch._scaled_mm``
-    on CUDA. On x86 CPUs without VNNI only 7-bit (``reduce_range``) weights take the integer path (oneDNN's AVX2
-    kernels saturate on 8-bit ones: ``_cpu_has_int8_dot``). Everything else (INT4 / FP8 on CPU, per-group
-    weights) is fake-quant in fp32: the same values a QDQ
-    graph computes, and the reference the integer path is tested against. ``kernel = "reference"`` forces the
-    fake-quant arithmetic; it is also what tracing for export and torch.compile see.
+    INT8 x INT8 layers with per-channel weights, and INT4 x INT8 ones with ``integer_group_scales`` (exact int8
+    per-channel weights: ``quantize_int4_two_level``), run an integer matmul (``int8_linear``: oneDNN or
+    ``torch._int_mm`` on x86 CPUs, cuBLASLt on CUDA), exact in int32 and scaled once; FP8 x FP8 uses
+    ``torch._scaled_mm`` on CUDA and a bf16 matmul of E4M3 values on CPUs with bf16 dot products
+    (``_fp8_matmul_in_bf16``). On x86 CPUs without VNNI only 7-bit (``reduce_range``) weights take the integer
+    path (oneDNN's AVX2 kernels saturate on 8-bit ones: ``_cpu_has_int8_dot``). Everything else (float group
+    scales, FP8 on other CPUs) is fake-quant in fp32: the same values a QDQ graph computes, and the reference
+    the kernels are tested against. ``kernel = "reference"`` forces the fake-quant arithmetic
+    (``fake_quant_arithmetic``); it is also what tracing for export and torch.compile see.
     """
 
     kernel: str = "auto"  # "auto": integer / FP8 kernels where they exist; "reference": fake-quant only
@@ -287,8 +322,10 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, weight_format: str = "int8",
                  group_size: int | None = None, weight_per_channel: bool = True, act_format: str | None = "int8",
                  act_mode: str = "static", act_groups: int = 1, smooth: bool = False, rank: int = 0,
-                 reduce_range: bool = False):
+                 reduce_range: bool = False, integer_group_scales: bool = False):
         super().__init__()
+        if integer_group_scales and (weight_format != "int4" or not group_size):
+            raise ValueError("integer_group_scales: only group-wise int4 weights have group scales")
         if weight_format not in ("int8", "int4", "fp8"):
             raise ValueError(f"weight_format must be int8, int4 or fp8, not {weight_format!r}")
         if act_format not in (None, "int8", "fp8") or act_mode not in ("static", "dynamic"):
@@ -297,13 +334,17 @@ class QuantLinear(nn.Module):
         self.weight_format, self.group_size, self.weight_per_channel = weight_format, group_size, weight_per_channel
         self.act_format, self.act_mode, self.act_groups = act_format, act_mode, act_groups
         self.rank, self.reduce_range = rank, reduce_range  # reduce_range: int8 weights limited to 7 bits
+        self.integer_group_scales = integer_group_scales  # int4 groups = int8 per-channel weights (see _set_weight)
         g = group_size or in_features
         if in_features % g:
             raise ValueError(f"in_features {in_features} is not divisible by group size {g}")
         cols = in_features // 2 if weight_format == "int4" else in_features
         wdtype = {"int8": torch.int8, "int4": torch.uint8, "fp8": torch.float8_e4m3fn}[weight_format]
         self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=wdtype))
-        self.register_buffer("weight_scale", torch.ones(out_features if weight_per_channel else 1, in_features // g))
+        self.register_buffer("weight_scale", torch.ones(out_features if weight_per_channel else 1,
+                                                        1 if integer_group_scales else in_features // g))
+        self.register_buffer("group_scale", torch.ones(out_features, in_features // g, dtype=torch.uint8)
+                             if integer_group_scales else None)
         self.register_buffer("smooth", torch.ones(in_features) if smooth else None)
         static = act_format is not None and act_mode == "static"
         self.register_buffer("act_scale", torch.ones(act_groups) if static else None)
@@ -349,14 +390,38 @@ class QuantLinear(nn.Module):
             self.qweight.copy_((w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
             self.weight_scale.copy_(scale)
             return
+        if self.integer_group_scales:
+            q, channel, group = quantize_int4_two_level(w, self.group_size)
+            self.qweight.copy_(pack_int4(q))
+            self.weight_scale.copy_(channel)
+            self.group_scale.copy_(group)
+            return
         bits = (7 if self.reduce_range else 8) if self.weight_format == "int8" else 4
         q, scale, _ = quantize_weight(w, bits, self.group_size, True)
         self.qweight.copy_(pack_int4(q) if bits == 4 else q)
         self.weight_scale.copy_(scale)
 
     # -- arithmetic -----------------------------------------------------------------------------------
+    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 weight (out, in), fp32 per-channel scale (out,)) of a layer whose weight is an int8 per-channel
+        one (``int8`` weights, or ``int4`` with integer group scales: the 4-bit values times their group's
+        integer scale, derived once): what integer matmuls and QDQ exports take."""
+        bufs = self._buffers
+        if not self.integer_group_scales:
+            return bufs["qweight"], bufs["weight_scale"].reshape(-1)
+        return reused(self, "int8_weight", self._int8_from_int4_groups, bufs["qweight"], bufs["group_scale"]), \
+            bufs["weight_scale"].reshape(-1)
+
+    def _int8_from_int4_groups(self) -> torch.Tensor:
+        q = unpack_int4(self._buffers["qweight"], True).reshape(self.out_features, -1, self.group_size)
+        return (q * self._buffers["group_scale"].to(torch.int32)[..., None]).reshape(
+            self.out_features, self.in_features).to(torch.int8)
+
     def dequantized_weight(self) -> torch.Tensor:
         """The quantized residual weight in fp32 (what the integer/FP8 matmul multiplies by)."""
+        if self.integer_group_scales:  # the int8 weight times its channel's scale, as the integer matmul sees it
+            w8, scale = self.int8_weight()
+            return w8.float() * scale[:, None]
         if self.weight_format == "int4":
             q = unpack_int4(self.qweight, True)
         else:
@@ -389,39 +454,57 @@ class QuantLinear(nn.Module):
         # buffers are read from the module's dicts here and in the kernel path: nn.Module.__getattr__ costs
         # ~1.5 us a read, which at the reference model's widths (16 tokens, 96 channels) is a tenth of a matmul
         smooth = self._buffers["smooth"]
-        xs = x / smooth if smooth is not None else x
-        if act_scale is None and self._kernel_ok(x):
-            y = self._low_precision_matmul(xs, with_bias=not self.rank)
+        kernel = act_scale is None and self._kernel_ok(x)
+        if kernel and self.act_format == "fp8" and not x.is_cuda:
+            y = self._fp8_matmul_in_bf16(x, smooth)  # folds the smoothing in itself
             if not self.rank:
                 return y
+            xs = x / smooth if smooth is not None else x
         else:
-            w = reused(self, "weight", self.dequantized_weight, self.qweight, self.weight_scale)
-            y = F.linear(self.quantize_input(xs, act_scale), w.to(x.dtype))
-        if self.rank:
-            y = y + F.linear(F.linear(xs, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+            xs = x / smooth if smooth is not None else x
+            if kernel:
+                y = self._low_precision_matmul(xs)
+            else:
+                bufs = self._buffers
+                w = reused(self, "weight", self.dequantized_weight, bufs["qweight"], bufs["weight_scale"],
+                           bufs["group_scale"])
+                b = self._parameters.get("bias")
+                y = F.linear(self.quantize_input(xs, act_scale), w.to(x.dtype), None if b is None else b.to(x.dtype))
+        if self.rank:  # the 16-bit branch, its factors converted once (fp16 values are exact in fp32)
+            down, up = self._buffers["lora_down"], self._buffers["lora_up"]
+            down = reused(self, "lora_down", lambda: down.to(x.dtype), down) if down.dtype != x.dtype else down
+            up = reused(self, "lora_up", lambda: up.to(x.dtype), up) if up.dtype != x.dtype else up
+            y = y.add_(F.linear(F.linear(xs, down), up))
+        return y
 
     def qdq_exportable(self) -> bool:
         """Static per-tensor int8 inputs and per-channel int8 weights: the form ONNX QDQ kernels run."""
         return (self.act_format == "int8" and self.act_mode == "static" and self.act_groups == 1
-                and self.weight_format == "int8" and self.group_size is None)
+                and self.has_int8_weight())
+
+    def has_int8_weight(self) -> bool:
+        """Whether the weight is an int8 per-channel one (``int8_weight``): int8 weights without groups, or int4
+        groups with integer group scales."""
+        return (self.weight_format == "int8" and self.group_size is None) or self.integer_group_scales
 
     # -- real low-precision matmuls ------------------------------------------------------------------
     def _kernel_ok(self, x: torch.Tensor) -> bool:
         if self.kernel != "auto" or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return False
         same = self.act_format == self.weight_format and self.group_size is None
-        if not same or (self.act_format == "fp8" and not x.is_cuda):
+        if not (same or (self.act_format == "int8" and self.integer_group_scales)):
             return False
         if x.is_cuda:  # cuBLASLt's shape constraints
             return self.in_features % 16 == 0 and self.out_features % 16 == 0 and x.numel() // x.shape[-1] > 16
+        if self.act_format == "fp8":
+            return x.dtype == torch.float32 and CPU_BF16_DOT
         # without VNNI the CPU's integer kernels are exact only on 7-bit weights (see _cpu_has_int8_dot): 8-bit
         # ones stay on the fake-quant arithmetic, slower but the values the layer stands for
         return x.dtype == torch.float32 and (CPU_INT8_DOT or (self.reduce_range and INT8_CPU_BACKEND == "onednn"))
 
-    def _low_precision_matmul(self, xs: torch.Tensor, with_bias: bool = False) -> torch.Tensor:
-        """The integer (or FP8) matmul on the smoothed input ``xs``, scaled once; ``with_bias`` adds the bias in
-        the same op. The integer path quantizes with the fake-quant path's own division and rounding (in
+    def _low_precision_matmul(self, xs: torch.Tensor) -> torch.Tensor:
+        """The integer (or FP8) matmul on the smoothed input ``xs``, scaled once, the bias added in the same op.
+        The integer path quantizes with the fake-quant path's own division and rounding (in
         place, on one copy of the input), then ``int8_linear``."""
         lead, k = xs.shape[:-1], xs.shape[-1]
         x2 = xs.reshape(-1, k).float()
@@ -430,7 +513,7 @@ class QuantLinear(nn.Module):
             sa = x2.abs().amax(-1, keepdim=True).clamp_min(1e-8) / qmax
         else:
             sa = self.current_act_scale()
-        bias = self._parameters.get("bias") if with_bias else None
+        bias = self._parameters.get("bias")
         if self.act_format == "int8":
             xq = torch.div(x2, sa).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
             bias = None if bias is None else bias.float()
@@ -449,6 +532,39 @@ class QuantLinear(nn.Module):
                 y = y + bias.float()
         return y.reshape(*lead, self.out_features).to(xs.dtype)
 
+    def _fp8_matmul_in_bf16(self, x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
+        """FP8 x FP8 on a CPU with bf16 dot products (``CPU_BF16_DOT``): the input rounded to E4M3 values
+        (``round_to_e4m3_``) and the E4M3 weight, both exact in bf16, go through oneDNN's bf16 matmul (exact
+        products, fp32 sums), whose bf16 output is scaled once, as ``torch._scaled_mm(out_dtype=bfloat16)`` on
+        CUDA: within the output's bf16 rounding (2^-9 relative) of the fake-quant arithmetic. A static scale and
+        the smoothing divisor are applied as one multiplier (the fake-quant path divides twice; the two differ by
+        an ulp before rounding, so an input within an ulp of an E4M3 midpoint may round the other way)."""
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        bufs = self._buffers
+        sw = bufs["weight_scale"].reshape(1, -1)
+        if self.act_mode == "dynamic":
+            xs = x2 / smooth if smooth is not None else x2
+            sa = xs.abs().amax(-1, keepdim=True).clamp_min(1e-8) / FP8_MAX
+            y8 = xs.div_(sa) if smooth is not None else xs / sa
+            out_scale = sw
+        else:  # at the reference model's widths each op here is a few percent of the layer: the scalings are reused
+            sa = self.current_act_scale()
+            one = self.act_groups == 1
+            in_scale = (reused(self, "fp8_in", lambda: (sa * smooth).reciprocal(), bufs["act_scale"], smooth)
+                        if one else (sa * smooth).reciprocal()) if smooth is not None else None
+            y8 = x2 * in_scale if in_scale is not None else x2 / sa
+            out_scale = reused(self, "fp8_out", lambda: sw * sa, bufs["act_scale"], sw) if one else sw * sa
+        xb = round_to_e4m3_(y8, out=torch.empty(y8.shape, dtype=torch.bfloat16))
+        qweight = bufs["qweight"]
+        y = F.linear(xb, reused(self, "bf16_w", lambda: qweight.to(torch.bfloat16), qweight)).float()
+        bias = self._parameters.get("bias")
+        # per-channel x static scales, or per-channel then per-token ones (fp32 ops: mixed-dtype ones cast first)
+        y = y.mul_(out_scale) if bias is None or self.act_mode == "dynamic" else torch.addcmul(bias, y, out_scale)
+        if self.act_mode == "dynamic":
+            y = y.mul_(sa) if bias is None else torch.addcmul(bias, y, sa)
+        return y.reshape(*lead, self.out_features)
+
     def extra_repr(self) -> str:
         a = "weight-only" if self.act_format is None else f"act={self.act_format}/{self.act_mode}" + (
             f"x{self.act_groups} timestep groups" if self.act_groups > 1 else "")
@@ -457,12 +573,72 @@ class QuantLinear(nn.Module):
                 f"rank={self.rank}")
 
 
+@contextlib.contextmanager
+def fake_quant_arithmetic(model: nn.Module):
+    """Inside, every ``QuantLinear`` of ``model`` computes the fake-quant arithmetic (``kernel = "reference"``):
+    the values an exported QDQ graph stands for, which export validation compares against (the CPU FP8 kernel's
+    bf16 output is 2^-9 off it; integer kernels are exact). Each layer's own setting is restored on exit."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    saved = [m.__dict__.get("kernel") for m in layers]
+    try:
+        for m in layers:
+            m.kernel = "reference"
+        yield model
+    finally:
+        for m, k in zip(layers, saved):
+            if k is None:
+                m.__dict__.pop("kernel", None)
+            else:
+                m.kernel = k
+
+
+def under_fake_quant_arithmetic(model: nn.Module, fn):
+    """``fn`` (e.g. an adapter's forward) run inside ``fake_quant_arithmetic(model)`` at each call."""
+    def call(*args, **kwargs):
+        with fake_quant_arithmetic(model):
+            return fn(*args, **kwargs)
+    return call
+
+
+INT4_GROUP_SCALE_MAX = 18  # 7 x 18 = 126: every int4 value times its integer group scale fits int8
+
+
+def quantize_int4_two_level(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise symmetric INT4 whose group scales are integers (1..18) times one fp32 scale per output channel
+    (QServe's progressive group quantization, Lin et al. 2024): w ~ channel * group * q. Each int4 value times its
+    group's integer scale is an int8 (|q x group| <= 126), so the layer is exactly an int8 per-channel weight
+    and W4A8 runs the W8A8 integer kernels. The largest group of a channel gets scale 18; every other group the
+    integer just below or above its ideal scale, whichever gives the smaller squared error.
+
+    Returns (q int8 in [-7, 7] (out, in), channel scale (out, 1), group scale uint8 (out, groups)).
+    """
+    out_f, in_f = w.shape
+    if in_f % group_size:
+        raise ValueError(f"in_features {in_f} is not divisible by group size {group_size}")
+    wg = w.detach().float().reshape(out_f, in_f // group_size, group_size)
+    ideal = wg.abs().amax(-1).clamp_min(1e-12) / 7  # each group's own fp32 scale
+    channel = ideal.amax(-1, keepdim=True) / INT4_GROUP_SCALE_MAX
+    best_q, best_s, best_err = None, None, None
+    for rnd in (torch.floor, torch.ceil):
+        sg = rnd(ideal / channel).clamp_(1, INT4_GROUP_SCALE_MAX)
+        step = (channel * sg)[..., None]
+        q = torch.clamp(torch.round(wg / step), -7, 7)
+        err = ((q * step - wg) ** 2).sum(-1)
+        if best_err is None:
+            best_q, best_s, best_err = q, sg, err
+        else:
+            better = err < best_err
+            best_q = torch.where(better[..., None], q, best_q)
+            best_s, best_err = torch.where(better, sg, best_s), torch.minimum(err, best_err)
+    return best_q.reshape(out_f, in_f).to(torch.int8), channel, best_s.to(torch.uint8)
+
+
 replayable(
     "quant_linear",
     lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
                "weight_format": m.weight_format, "group_size": m.group_size,
                "weight_per_channel": m.weight_per_channel, "act_format": m.act_format, "act_mode": m.act_mode,
                "act_groups": m.act_groups, "smooth": m.smooth is not None, "rank": m.rank,
-               "reduce_range": m.reduce_range},
+               "reduce_range": m.reduce_range, "integer_group_scales": m.integer_group_scales},
     lambda s: QuantLinear(**s),
 )(QuantLinear)

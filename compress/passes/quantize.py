@@ -41,6 +41,12 @@ class WeightQuant(BaseModel):
     symmetric: bool = Field(True, description="Symmetric (no zero point) or asymmetric (uint with zero point; "
                                               "weight-only integer formats).")
     per_channel: bool = Field(True, description="fp8: one scale per output channel (True) or per tensor (False).")
+    group_scales: Literal["float", "integer"] = Field(
+        "float", description="int4 groups with int8 activations (W4A8): 'float' = one fp32 scale per group; "
+                             "'integer' = integer group scales (1..18) times one fp32 scale per output channel "
+                             "(QServe's two-level scheme): each weight is then an exact int8 per-channel one, so "
+                             "the layer runs the W8A8 integer kernels (in PyTorch and as an INT8 QDQ export) at "
+                             "a small accuracy cost.")
     reduce_range: bool = Field(
         False, description="int8 with int8 activations: 7-bit weights (-63..63). ONNX Runtime's int8 kernels on x86 "
                            "CPUs without VNNI (AVX2 only) add pairs of 8-bit products in 16 bits and saturate with "
@@ -156,6 +162,10 @@ class QuantizeConfig(PassConfig):
         if w.reduce_range and (w.dtype != "int8" or a is None or a.dtype != "int8" or w.group_size):
             raise ValueError("weights.reduce_range: 7-bit weights are for per-channel int8 weights with int8 "
                              "activations (W8A8)")
+        if w.group_scales == "integer" and (w.dtype != "int4" or not w.group_size or a is None
+                                            or a.dtype != "int8"):
+            raise ValueError("weights.group_scales: integer group scales are for group-wise int4 weights with "
+                             "int8 activations (W4A8)")
         if w.group_size and w.dtype == "fp8":
             raise ValueError("weights.group_size: fp8 weights use per-channel or per-tensor scales, not groups")
         if a is not None and a.mode == "dynamic" and a.timestep_groups > 1:
@@ -284,6 +294,7 @@ def _formats(config: QuantizeConfig) -> dict:
         "weight_per_channel": config.weights.per_channel,
         "act_format": None if a is None else a.dtype, "act_mode": "static" if a is None else a.mode,
         "rank": config.low_rank.rank if config.low_rank else 0, "reduce_range": config.weights.reduce_range,
+        "integer_group_scales": config.weights.group_scales == "integer",
     }
 
 
