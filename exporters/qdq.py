@@ -53,11 +53,11 @@ class QDQLinear(nn.Module):
         self.layer = layer
         self.scale = float(layer.act_scale[0])
         self.act_dtype, self.weight_dtype = act_dtype, weight_dtype
-        # stored shifted, so the graph's initializer is the uint8 tensor itself (no shift op at run time)
-        qweight, _ = layer.int8_weight()  # int4 groups with integer group scales go out as their int8 weight
-        self.register_buffer("qweight_s8", qweight.clone() if layer.integer_group_scales else None)
-        self.register_buffer("qweight_u8", (qweight.to(torch.int16) + 128).to(torch.uint8)
-                             if weight_dtype == "uint8" else None)
+        # the int8 weight (int4 groups with integer group scales go out as theirs), or it shifted to uint8, stored
+        # so the graph's initializer is the tensor itself (no shift op at run time); None: the layer's own qweight
+        qweight, _ = layer.int8_weight()
+        self.register_buffer("qweight", (qweight.to(torch.int16) + 128).to(torch.uint8) if weight_dtype == "uint8"
+                             else qweight.clone() if layer.integer_group_scales else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
@@ -68,8 +68,7 @@ class QDQLinear(nn.Module):
         xd = qdq_symmetric(xs, self.scale, self.act_dtype)
         zp, lo, hi, dt = _int8_grid(self.weight_dtype)
         zeros = torch.full((m.out_features,), zp, dtype=torch.int64, device=xs.device)
-        qweight = (self.qweight_u8 if self.weight_dtype == "uint8"
-                   else self.qweight_s8 if self.qweight_s8 is not None else m.qweight)
+        qweight = self.qweight if self.qweight is not None else m.qweight
         w = qd.dequantize_per_channel.default(qweight, m.weight_scale[:, 0], zeros, 0, lo, hi, dt)
         y = F.linear(xd, w.to(xs.dtype))
         if m.rank:

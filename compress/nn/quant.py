@@ -210,13 +210,14 @@ def _onednn_int8() -> bool:
             and hasattr(ops, "qlinear_prepack"))
 
 
-def _x86_int8_isa() -> dict[str, bool] | None:
-    """This CPU's int8 dot-product extensions as torch reports them, {"vnni": ..., "amx": ...}; None off x86."""
+def _x86_dot_isa() -> dict[str, bool] | None:
+    """This CPU's int8 / bf16 dot-product extensions as torch reports them, {"vnni": ..., "amx": ...,
+    "avx512_bf16": ...}; None off x86."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return None
-    vnni = getattr(torch.cpu, "_is_vnni_supported", None)
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return {"vnni": bool(vnni is not None and vnni()), "amx": bool(amx is not None and amx())}
+    probes = {"vnni": "_is_vnni_supported", "amx": "_is_amx_tile_supported",
+              "avx512_bf16": "_is_avx512_bf16_supported"}
+    return {k: bool(getattr(torch.cpu, f, None) is not None and getattr(torch.cpu, f)()) for k, f in probes.items()}
 
 
 def _cpu_has_int8_dot() -> bool:
@@ -227,7 +228,7 @@ def _cpu_has_int8_dot() -> bool:
     256x96x384), and oneDNN's AVX2 INT8 kernels sum pairs of u8 x s8 products in int16 (``vpmaddubsw``), which
     saturates with 8-bit weights (relative error 0.23 against the exact sum) and is exact only with 7-bit ones
     (``reduce_range``: 2 x 255 x 63 < 2^15), the reason ONNX Runtime and fbgemm reduce the range on such CPUs."""
-    isa = _x86_int8_isa()
+    isa = _x86_dot_isa()
     return isa is None or isa["vnni"] or isa["amx"]
 
 
@@ -236,11 +237,8 @@ def _cpu_has_bf16_dot() -> bool:
     accumulation) is ~2x faster than fp32 (measured on a Zen 4 EPYC: 126 against 235 us at 256x96x384), and
     FP8 x FP8 layers run on it (E4M3 values are exact in bf16). Elsewhere bf16 is converted or emulated, slower
     than fp32, and FP8 stays on the fake-quant arithmetic."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return False
-    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool((bf16 is not None and bf16()) or (amx is not None and amx()))
+    isa = _x86_dot_isa()
+    return isa is not None and (isa["avx512_bf16"] or isa["amx"])
 
 
 def _onednn_wants_u8_source() -> bool:
@@ -251,7 +249,7 @@ def _onednn_wants_u8_source() -> bool:
     15 ms for 512x768x3072. The same integers shifted to uint8
     with zero point 128 run the VNNI kernel, exactly (``vpdpbusd`` accumulates in int32): 9.6 ms against fp32's
     35 ms at 1024x768x3072 there. AMX runs s8s8 itself; AVX2-only CPUs keep their measured s8 path."""
-    isa = _x86_int8_isa()
+    isa = _x86_dot_isa()
     return isa is not None and isa["vnni"] and not isa["amx"]
 
 
@@ -491,8 +489,8 @@ class QuantLinear(nn.Module):
     def _kernel_ok(self, x: torch.Tensor) -> bool:
         if self.kernel != "auto" or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return False
-        same = self.act_format == self.weight_format and self.group_size is None
-        if not (same or (self.act_format == "int8" and self.integer_group_scales)):
+        if not ((self.act_format == "int8" and self.has_int8_weight())
+                or (self.act_format == "fp8" and self.weight_format == "fp8" and self.group_size is None)):
             return False
         if x.is_cuda:  # cuBLASLt's shape constraints
             return self.in_features % 16 == 0 and self.out_features % 16 == 0 and x.numel() // x.shape[-1] > 16
@@ -548,12 +546,16 @@ class QuantLinear(nn.Module):
             sa = xs.abs().amax(-1, keepdim=True).clamp_min(1e-8) / FP8_MAX
             y8 = xs.div_(sa) if smooth is not None else xs / sa
             out_scale = sw
-        else:  # at the reference model's widths each op here is a few percent of the layer: the scalings are reused
+        else:
             sa = self.current_act_scale()
+            # at the reference model's widths each op here is a few percent of the layer: with one static scale
+            # (no timestep groups) the scalings derived from it are reused
             one = self.act_groups == 1
-            in_scale = (reused(self, "fp8_in", lambda: (sa * smooth).reciprocal(), bufs["act_scale"], smooth)
-                        if one else (sa * smooth).reciprocal()) if smooth is not None else None
-            y8 = x2 * in_scale if in_scale is not None else x2 / sa
+            if smooth is None:
+                y8 = x2 / sa
+            else:
+                in_scale = lambda: (sa * smooth).reciprocal()  # noqa: E731
+                y8 = x2 * (reused(self, "fp8_in", in_scale, bufs["act_scale"], smooth) if one else in_scale())
             out_scale = reused(self, "fp8_out", lambda: sw * sa, bufs["act_scale"], sw) if one else sw * sa
         xb = round_to_e4m3_(y8, out=torch.empty(y8.shape, dtype=torch.bfloat16))
         qweight = bufs["qweight"]
