@@ -40,6 +40,9 @@ QUANT_RECIPES = ["int8-weights", "int4-weights-g32", "int4-weights-g32-asym", "w
                  "fp8-per-tensor-dynamic", "w4a8", "w4a8-svd", "w8a8-cpu"]
 
 
+DEFAULT_OUT = Path("benchmarks/results/quantization/int8-kernels")
+
+
 def set_kernel(model: torch.nn.Module, kernel: str) -> torch.nn.Module:
     for m in model.modules():
         if isinstance(m, QuantLinear):
@@ -58,7 +61,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--also-recipes", default="", help="'all' bundled quantization recipes, or a comma list")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/quantization/int8-kernels"))
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = p.parse_args()
     also = [r for r in (QUANT_RECIPES if a.also_recipes == "all" else a.also_recipes.split(",")) if r]
     also = [r for r in also if r not in ("w8a8-int8", "w8a8-int8-dynamic")]
@@ -93,7 +96,8 @@ def main() -> None:
                    "speedup_vs_fp32": round(fp32 / s.median_ms, 3)} for name, s in stats.items()}
     report = {"command": f"python -m benchmarks.int8_kernels --model {a.model} --batch {a.batch} "
                          f"--threads {a.threads} --repeats {a.repeats}"
-                         + (f" --also-recipes {a.also_recipes}" if a.also_recipes else ""),
+                         + (f" --also-recipes {a.also_recipes}" if a.also_recipes else "")
+                         + (f" --out {a.out}" if a.out != DEFAULT_OUT else ""),
               "what": "ms per transformer call (one conditional batch), PyTorch eager, median of interleaved repeats",
               "model": a.model, "batch": a.batch, "threads": a.threads, "rows": rows, "errors": errors,
               "machine": machine_info()}

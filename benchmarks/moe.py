@@ -1,10 +1,11 @@
 """Dense-to-MoE: quality on the reference model, expert utilisation, and DiT-B/2 speed (PyTorch and ONNX Runtime).
 
     python -m benchmarks.moe --part quality --samples 1000   # moe-top2 vs the source (+ the w8a8 composite)
+    python -m benchmarks.moe --part quality --recipe moe-top1 --samples 1000 --out benchmarks/results/moe/top1
     python -m benchmarks.moe --part ablation --samples 0 --calib-samples 16   # settings, no recovery
     python -m benchmarks.moe --part speed                    # DiT-B/2 256 px, batch 4: dense vs MoE, torch + ORT
 
-``quality`` trains ``moe-top2`` (or reuses ``runs/moe/moe-top2``, e.g. written by ``dit-compress apply
+``quality`` trains ``moe-top2`` (``--recipe moe-top1``: that one; the same for ``speed``) (or reuses ``runs/moe/moe-top2``, e.g. written by ``dit-compress apply
 moe-top2 --model reference --out runs/moe/moe-top2``; a killed run resumes from ``runs/moe/moe-top2.work``),
 applies the composite's quantization pass to it (``moe-top2-w8a8`` is exactly ``moe-top2`` followed by that
 pass, on the same calibration trajectories), and benchmarks both against the source on the same seeds.
@@ -99,12 +100,15 @@ def heatmap(util: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+DEFAULT_OUT = Path("benchmarks/results/moe")
+
+
 def quality_part(a, console: Console) -> None:
     model = compress.load_model("reference")
-    recipe = load_recipe("moe-top2")
+    recipe = load_recipe(a.recipe)
     ctx = PassContext.for_model(model, recipe.defaults.calibration, show_progress=False)
-    data = recipe_with("moe-top2", None)
-    # another expert layout than moe-top2's gets its own name and artifact
+    data = recipe_with(a.recipe, None)
+    # another expert layout than the recipe's gets its own name and artifact
     layout = {k: v for k, v in (("experts", a.experts), ("top_k", a.top_k), ("shared", a.shared)) if v is not None}
     for p in data["passes"]:
         if p["pass"] == "moe":
@@ -112,17 +116,25 @@ def quality_part(a, console: Console) -> None:
                 p["training"]["steps"] = a.recovery_steps
             if a.loss_diffusion is not None:
                 p["training"]["loss"]["diffusion"] = a.loss_diffusion
+            if a.lr is not None:
+                p["training"]["lr"] = a.lr
             p.update(layout)
     overrides = {**({"recovery_steps": a.recovery_steps} if a.recovery_steps else {}), **layout,
-                 **({"loss_diffusion": a.loss_diffusion} if a.loss_diffusion is not None else {})}
-    name = "moe-top2" if not layout else (
-        f"moe-e{a.experts or 8}-top{a.top_k or 2}" + (f"-shared{a.shared:g}" if a.shared is not None else ""))
+                 **({"loss_diffusion": a.loss_diffusion} if a.loss_diffusion is not None else {}),
+                 **({"lr": a.lr} if a.lr is not None else {})}
+    moe_pass = next(p for p in recipe.passes if p.pass_ == "moe")
+    name = a.recipe if not layout else (
+        f"moe-e{a.experts or moe_pass.experts}-top{a.top_k or moe_pass.top_k}"
+        + (f"-shared{a.shared:g}" if a.shared is not None else ""))
     if a.loss_diffusion is not None:  # another recovery objective: its own artifact too
         name += f"-diffusion{a.loss_diffusion:g}"
+    if a.lr is not None:
+        name += f"-lr{a.lr:g}"
     moe = trained(name, data, model, ctx, console, runs=a.runs)
     cfg = BenchConfig(samples=a.samples, steps=REFERENCE_STEPS, cfg_scale=REFERENCE_CFG, speed_batch=64)
     command = (f"python -m benchmarks.moe --part quality --samples {a.samples} --composite-samples "
-               f"{a.composite_samples}" + "".join(f" --{f.replace('_', '-')} {v}" for f, v in overrides.items()))
+               f"{a.composite_samples}" + (f" --recipe {a.recipe}" if a.recipe != "moe-top2" else "")
+               + (f" --out {a.out}" if a.out != DEFAULT_OUT else "") + "".join(f" --{f.replace('_', '-')} {v}" for f, v in overrides.items()))
     frac = activated_fraction(moe.model, dense_mlp_params(model))
     report = run_bench(Variant("source", model), [variant_from_source(str(a.runs / name), name)], cfg,
                        a.out / "quality", console=console,
@@ -142,12 +154,12 @@ def quality_part(a, console: Console) -> None:
     console.print(f"activated MLP params per token {frac:.1%}; busiest / mean: "
                   f"{summary['worst_block_busiest_over_mean']}")
     if a.composite_samples:
-        composite = load_recipe("moe-top2-w8a8").model_dump(mode="json", by_alias=True)
-        quant = {**composite, "name": "moe-top2-w8a8", "passes": composite["passes"][1:]}
+        composite = load_recipe(f"{a.recipe}-w8a8").model_dump(mode="json", by_alias=True)
+        quant = {**composite, "name": f"{a.recipe}-w8a8", "passes": composite["passes"][1:]}
         q = compress.apply_recipe(moe.model, quant, ctx=ctx, show_progress=False)
         cfg = cfg.model_copy(update={"samples": a.composite_samples})
-        run_bench(Variant("source", model), [moe, Variant("moe-top2-w8a8", q, recipe="moe-top2-w8a8 (its quantize "
-                                                          "pass on the moe-top2 artifact)")],
+        run_bench(Variant("source", model), [moe, Variant(f"{a.recipe}-w8a8", q, recipe=f"{a.recipe}-w8a8 (its "
+                                                          f"quantize pass on the {a.recipe} artifact)")],
                   cfg, a.out / "quality-w8a8", console=console, extra={"command": command})
 
 
@@ -195,7 +207,7 @@ def speed_part(a, console: Console) -> None:
 
     src = compress.load_model(a.model)
     ctx = PassContext.for_model(src, CalibrationConfig(samples=2, steps=2, batch_size=2), show_progress=False)
-    data = recipe_with("moe-top2", None)
+    data = recipe_with(a.recipe, None)
     data["passes"][0].pop("training")
     data["passes"][0].update({"max_rows": 8, "max_tokens": 2048})
     moe = compress.apply_recipe(src, data, ctx=ctx, show_progress=False)
@@ -205,11 +217,12 @@ def speed_part(a, console: Console) -> None:
     moe_dir = export_onnx(moe, work / "moe", force=True)
     cfg = BenchConfig(samples=1, quality=False, grid=False, speed_batch=a.batch, warmup=a.warmup, repeats=a.repeats)
     command = (f"python -m benchmarks.moe --part speed --model {a.model} --batch {a.batch} --threads {a.threads} "
-               f"--repeats {a.repeats}")
+               f"--repeats {a.repeats}" + (f" --recipe {a.recipe}" if a.recipe != "moe-top2" else "")
+               + (f" --out {a.out}" if a.out != DEFAULT_OUT else ""))
     report = run_bench(Variant(f"{a.model} dense (PyTorch)", src),
-                       [Variant("moe-top2 (PyTorch)", moe, recipe="moe-top2 structure, untrained"),
+                       [Variant(f"{a.recipe} (PyTorch)", moe, recipe=f"{a.recipe} structure, untrained"),
                         Variant("dense (ONNX Runtime)", OnnxRunner(dense_dir, threads=a.threads)),
-                        Variant("moe-top2 (ONNX Runtime)", OnnxRunner(moe_dir, threads=a.threads))],
+                        Variant(f"{a.recipe} (ONNX Runtime)", OnnxRunner(moe_dir, threads=a.threads))],
                        cfg, a.out / f"speed-{a.model.replace('/', '-')}", console=console,
                        extra={"command": command, "activated_mlp_params": round(frac, 4), "threads": a.threads})
     ms = {v["name"]: v["speed"]["ms_per_call"] for v in report["variants"]}
@@ -229,9 +242,11 @@ def main() -> None:
     p.add_argument("--recovery-steps", type=int, default=None, help="override moe-top2's training steps")
     p.add_argument("--experts", type=int, default=None, help="quality: override moe-top2's routed experts")
     p.add_argument("--top-k", type=int, default=None, help="quality: override moe-top2's experts per token")
-    p.add_argument("--shared", type=float, default=None, help="quality: override moe-top2's shared fraction")
+    p.add_argument("--shared", type=lambda v: int(v) if float(v) >= 1 else float(v), default=None,
+                   help="quality: override moe-top2's shared expert (a fraction < 1, or a channel count)")
     p.add_argument("--loss-diffusion", type=float, default=None,
                    help="quality: override moe-top2's diffusion-loss weight (output KD stays 1.0)")
+    p.add_argument("--lr", type=float, default=None, help="quality: override moe-top2's recovery learning rate")
     p.add_argument("--composite-samples", type=int, default=300, help="quality: samples for moe-top2-w8a8 (0: skip)")
     p.add_argument("--calib-samples", type=int, default=256, help="ablation: calibration images (moe-top2: 256)")
     p.add_argument("--util-rows", type=int, default=4096, help="calibration rows routed for the utilisation map")
@@ -240,7 +255,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="speed: torch and ONNX Runtime threads")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/moe"))
+    p.add_argument("--recipe", choices=["moe-top2", "moe-top1"], default="moe-top2",
+                   help="quality / speed: the bundled MoE recipe (its '-w8a8' composite for --composite-samples)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--runs", type=Path, default=Path("runs/moe"), help="trained artifacts, checkpoints and exports")
     a = p.parse_args()
     torch.set_num_threads(a.threads if a.part == "speed" else 1)

@@ -180,7 +180,8 @@ def test_round_to_e4m3_gives_the_float8_casts_values_on_every_value_midpoint_and
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
-@pytest.mark.parametrize("extras", [{}, {"smooth": True}, {"bias": False}])
+@pytest.mark.parametrize("extras", [{}, {"smooth": True}, {"bias": False}, {"weight_per_channel": False},
+                                    {"weight_per_channel": False, "bias": False}])
 def test_fp8_layer_on_a_bf16_cpu_is_within_the_bf16_outputs_rounding_of_the_fake_quant_arithmetic(mode, extras,
                                                                                                    monkeypatch):
     # bf16 matmuls give the same values on any CPU (slower without AVX512-BF16 / AMX): pin the gate to run it here
@@ -188,7 +189,7 @@ def test_fp8_layer_on_a_bf16_cpu_is_within_the_bf16_outputs_rounding_of_the_fake
     rounded = []
     real = quant.round_to_e4m3_
     monkeypatch.setattr(quant, "round_to_e4m3_",
-                        lambda y, out=None: rounded.append(None if out is None else out.dtype) or real(y, out))
+                        lambda y, out=None, **kw: rounded.append(None if out is None else out.dtype) or real(y, out, **kw))
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 288, bias=extras.get("bias", True))
     x = torch.randn(3, 16, 96) * 2
@@ -196,7 +197,7 @@ def test_fp8_layer_on_a_bf16_cpu_is_within_the_bf16_outputs_rounding_of_the_fake
     xs = x / smooth if smooth is not None else x
     scale = (xs.abs().amax() / quant.FP8_MAX).reshape(1) if mode == "static" else None
     q = QuantLinear.from_linear(lin, smooth=smooth, act_scale=scale, weight_format="fp8", act_format="fp8",
-                                act_mode=mode)
+                                act_mode=mode, weight_per_channel=extras.get("weight_per_channel", True))
     with torch.no_grad():
         y = q(x)
         assert rounded == [torch.bfloat16]  # the bf16 path ran, once
@@ -236,3 +237,21 @@ def test_int4_groups_with_integer_scales_are_int8_weights_and_run_the_integer_ke
     w = lin.weight.detach()
     err = lambda m: float((m.dequantized_weight() - w).pow(2).sum() / w.pow(2).sum())  # noqa: E731
     assert err(q) < 1.1 * err(float_groups)
+
+
+def test_the_low_rank_branch_gives_the_same_outputs_in_eager_inference_as_under_autograd_and_tracing():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 288)
+    x = torch.randn(3, 16, 96)
+    q = QuantLinear.from_linear(lin, act_scale=(x.abs().amax() / 127).reshape(1), weight_format="int4", group_size=32,
+                                act_format="int8", rank=8, smooth=torch.rand(96) + 0.5)
+    q.kernel = "reference"
+    with torch.no_grad():
+        eager = q(x)  # factors converted and transposed once, the up-projection accumulated in place
+        again = q(x)  # the reused factors
+    graph = q(x.requires_grad_())  # autograd: the factors recomputed, the branch out of place
+    traced = torch.jit.trace(q, x.detach(), check_trace=False)(x.detach())
+    assert torch.equal(eager, again)
+    assert (graph - eager).abs().max() <= 1e-5 * eager.abs().max()
+    assert (traced - eager).abs().max() <= 1e-5 * eager.abs().max()
+    assert graph.grad_fn is not None

@@ -69,11 +69,13 @@ class MoEConfig(PassConfig):
 
     pass_: Literal["moe"] = Field("moe", alias="pass")
     experts: int = Field(8, ge=2, le=256, description="Routed experts per MLP (E). They must divide the MLP "
-                                                      "channels left after the shared expert evenly.")
+                                                      "channels left after the shared expert evenly (a "
+                                                      "fractional 'shared' is rounded so that they do).")
     top_k: int = Field(2, ge=1, le=256, description="Experts each token runs (k <= E).")
     shared: int | float = Field(0.125, ge=0, description="Always-on shared expert of the most important channels: a "
-                                                         "fraction of the MLP width (float < 1) or a channel count "
-                                                         "(int); 0 for none.")
+                                                         "fraction of the MLP width (float < 1, rounded to the "
+                                                         "nearest count leaving the experts equal slices) or a "
+                                                         "channel count (int); 0 for none.")
     partition: Literal["cluster", "importance"] = Field(
         "cluster", description="How routed channels are grouped: 'cluster' (balanced k-means of their activation "
                                "patterns) or 'importance' (contiguous runs of the importance ranking).")
@@ -203,8 +205,14 @@ def balanced_kmeans(features: torch.Tensor, groups: int, seed: int, iters: int =
 
 
 def _shared_width(view: MLPView, config: MoEConfig) -> int:
+    """The shared expert's channels: a count as given, or a fraction of the width rounded to the nearest count
+    that leaves the experts equal slices (a fraction is approximate by nature: 7/24 is 112 of 384 channels but
+    40, not 37, of 128), so one recipe fits every width; a count the experts do not divide is an error."""
     s = config.shared
     width = round(s * view.hidden) if isinstance(s, float) else s
+    if isinstance(s, float) and width > 0:
+        fits = [w for w in range(1, view.hidden) if (view.hidden - w) % config.experts == 0]
+        width = min(fits, key=lambda w: (abs(w - s * view.hidden), w)) if fits else width
     if width >= view.hidden:
         raise DitCompressError(f"{PASS}, field 'shared': a shared expert of {width} channels is not smaller than the "
                                f"MLP of {view.path} ({view.hidden} channels); use a fraction below 1 or fewer "
