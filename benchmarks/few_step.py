@@ -34,6 +34,7 @@ from compress.machine import machine_info
 from compress.models.provenance import provenance
 
 RUNS = Path("runs/few-step")
+DEFAULT_OUT = Path("benchmarks/results/few-step")
 # table rows: name -> (bundled recipe, overrides of its last distill pass)
 STUDENTS = {
     "guidance-distill": ("guidance-distill", {}),
@@ -106,7 +107,8 @@ def students_part(a, console: Console) -> None:
                 if a.only is None or label in a.only.split(",")]
     base = Variant("reference (50 steps, CFG 1.5)", compress.load_model("reference"))
     cfg = BenchConfig(samples=a.samples, speed_batch=a.speed_batch, repeats=a.repeats)
-    command = f"python -m benchmarks.few_step --part students --samples {a.samples}"
+    command = (f"python -m benchmarks.few_step --part students --samples {a.samples}"
+               + (f" --only {a.only}" if a.only else "") + (f" --out {a.out}" if a.out != DEFAULT_OUT else ""))
     run_bench(base, variants, cfg, a.out / "students", console=console, extra={"command": command})
 
 
@@ -228,7 +230,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=1, help="memory: torch threads per process")
     p.add_argument("--runs", type=Path, default=RUNS)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/few-step"))
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = p.parse_args()
     RUNS = a.runs
     torch.set_num_threads(1)
