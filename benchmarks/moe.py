@@ -5,8 +5,9 @@
     python -m benchmarks.moe --part ablation --samples 0 --calib-samples 16   # settings, no recovery
     python -m benchmarks.moe --part speed                    # DiT-B/2 256 px, batch 4: dense vs MoE, torch + ORT
 
-``quality`` trains ``moe-top2`` (``--recipe moe-top1``: that one; the same for ``speed``) (or reuses ``runs/moe/moe-top2``, e.g. written by ``dit-compress apply
-moe-top2 --model reference --out runs/moe/moe-top2``; a killed run resumes from ``runs/moe/moe-top2.work``),
+``quality`` trains ``moe-top2`` (``--recipe moe-top1`` for the other bundled layout, in ``quality`` and ``speed``)
+or reuses ``runs/moe/moe-top2``, e.g. written by ``dit-compress apply moe-top2 --model reference --out
+runs/moe/moe-top2`` (a killed run resumes from ``runs/moe/moe-top2.work``),
 applies the composite's quantization pass to it (``moe-top2-w8a8`` is exactly ``moe-top2`` followed by that
 pass, on the same calibration trajectories), and benchmarks both against the source on the same seeds.
 It then routes the calibration trajectories (and held-out ones, another seed) through the artifact and
@@ -103,6 +104,12 @@ def heatmap(util: dict, path: Path, title: str) -> None:
 DEFAULT_OUT = Path("benchmarks/results/moe")
 
 
+def recipe_and_out_flags(a) -> str:
+    """The ``--recipe`` / ``--out`` flags of this invocation that differ from their defaults (for ``command``)."""
+    recipe = f" --recipe {a.recipe}" if a.recipe != "moe-top2" else ""
+    return recipe + (f" --out {a.out}" if a.out != DEFAULT_OUT else "")
+
+
 def quality_part(a, console: Console) -> None:
     model = compress.load_model("reference")
     recipe = load_recipe(a.recipe)
@@ -133,8 +140,8 @@ def quality_part(a, console: Console) -> None:
     moe = trained(name, data, model, ctx, console, runs=a.runs)
     cfg = BenchConfig(samples=a.samples, steps=REFERENCE_STEPS, cfg_scale=REFERENCE_CFG, speed_batch=64)
     command = (f"python -m benchmarks.moe --part quality --samples {a.samples} --composite-samples "
-               f"{a.composite_samples}" + (f" --recipe {a.recipe}" if a.recipe != "moe-top2" else "")
-               + (f" --out {a.out}" if a.out != DEFAULT_OUT else "") + "".join(f" --{f.replace('_', '-')} {v}" for f, v in overrides.items()))
+               f"{a.composite_samples}" + recipe_and_out_flags(a)
+               + "".join(f" --{f.replace('_', '-')} {v}" for f, v in overrides.items()))
     frac = activated_fraction(moe.model, dense_mlp_params(model))
     report = run_bench(Variant("source", model), [variant_from_source(str(a.runs / name), name)], cfg,
                        a.out / "quality", console=console,
@@ -217,8 +224,7 @@ def speed_part(a, console: Console) -> None:
     moe_dir = export_onnx(moe, work / "moe", force=True)
     cfg = BenchConfig(samples=1, quality=False, grid=False, speed_batch=a.batch, warmup=a.warmup, repeats=a.repeats)
     command = (f"python -m benchmarks.moe --part speed --model {a.model} --batch {a.batch} --threads {a.threads} "
-               f"--repeats {a.repeats}" + (f" --recipe {a.recipe}" if a.recipe != "moe-top2" else "")
-               + (f" --out {a.out}" if a.out != DEFAULT_OUT else ""))
+               f"--repeats {a.repeats}" + recipe_and_out_flags(a))
     report = run_bench(Variant(f"{a.model} dense (PyTorch)", src),
                        [Variant(f"{a.recipe} (PyTorch)", moe, recipe=f"{a.recipe} structure, untrained"),
                         Variant("dense (ONNX Runtime)", OnnxRunner(dense_dir, threads=a.threads)),
@@ -239,14 +245,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=["quality", "ablation", "speed"], default="quality")
     p.add_argument("--samples", type=int, default=1000)
-    p.add_argument("--recovery-steps", type=int, default=None, help="override moe-top2's training steps")
-    p.add_argument("--experts", type=int, default=None, help="quality: override moe-top2's routed experts")
-    p.add_argument("--top-k", type=int, default=None, help="quality: override moe-top2's experts per token")
+    p.add_argument("--recovery-steps", type=int, default=None, help="override the recipe's training steps")
+    p.add_argument("--experts", type=int, default=None, help="quality: override the recipe's routed experts")
+    p.add_argument("--top-k", type=int, default=None, help="quality: override the recipe's experts per token")
     p.add_argument("--shared", type=lambda v: int(v) if float(v) >= 1 else float(v), default=None,
-                   help="quality: override moe-top2's shared expert (a fraction < 1, or a channel count)")
+                   help="quality: override the recipe's shared expert (a fraction < 1, or a channel count)")
     p.add_argument("--loss-diffusion", type=float, default=None,
-                   help="quality: override moe-top2's diffusion-loss weight (output KD stays 1.0)")
-    p.add_argument("--lr", type=float, default=None, help="quality: override moe-top2's recovery learning rate")
+                   help="quality: override the recipe's diffusion-loss weight (output KD stays 1.0)")
+    p.add_argument("--lr", type=float, default=None, help="quality: override the recipe's recovery learning rate")
     p.add_argument("--composite-samples", type=int, default=300, help="quality: samples for moe-top2-w8a8 (0: skip)")
     p.add_argument("--calib-samples", type=int, default=256, help="ablation: calibration images (moe-top2: 256)")
     p.add_argument("--util-rows", type=int, default=4096, help="calibration rows routed for the utilisation map")

@@ -567,9 +567,9 @@ class QuantLinear(nn.Module):
             sa = xs.abs().amax(-1, keepdim=True).clamp_min(1e-8) / FP8_MAX
             y8 = xs.div_(sa) if smooth is not None else xs / sa
             saturate = False  # each row's absmax maps to 448 (up to an ulp, which rounds to 448)
-            if sw.numel() == 1:  # one weight scale: folded into the per-token ones, one output op fewer
-                sa, sw = sa * sw, None
             out_scale = sw
+            if sw.numel() == 1:  # one weight scale: folded into the per-token ones, one output op fewer
+                sa, out_scale = sa * sw, None
         else:
             sa = self.current_act_scale()
             # at the reference model's widths each op here is a few percent of the layer: with one static scale
